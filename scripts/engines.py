@@ -1,0 +1,338 @@
+"""Ignite training logic: the stage-1 VAE-GAN step, the stage-2 drifted batch, checkpoint/resume and sample images."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from monai.losses import PatchAdversarialLoss
+from monai.networks.schedulers import DDIMScheduler
+from monai.visualize import plot_2d_or_3d_image
+from torch import nn
+
+from scripts.inferers import precision_context, sample_latents
+from scripts.networks import LatentDriftModel
+from scripts.transforms import CovariateEncoder, DriftNoised
+
+logger = logging.getLogger(__name__)
+
+
+def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ, σ²) || N(0, I)), summed over latent elements, averaged over the batch."""
+    kl = 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2) + 1e-12) - 1)
+    return kl.flatten(1).sum(1).mean()
+
+
+class LocalPerceptualLoss(nn.Module):
+    """
+    L1 distance between features of a local TorchScript network (a file the user provides).
+
+    MONAI's PerceptualLoss downloads its weights at run time, which this offline bundle never does; so a perceptual
+    term is available only from a local file whose module maps an image batch to a feature tensor (or list of them).
+    """
+
+    def __init__(self, network_path: str | None) -> None:
+        super().__init__()
+        if not network_path or not Path(network_path).is_file():
+            raise ValueError(
+                f"perceptual_weight > 0 needs 'perceptual_network' to be a local TorchScript file, got {network_path!r}. "
+                "MONAI's PerceptualLoss downloads weights, which this bundle does not do; export a feature network "
+                "with torch.jit.save and set its path, or set perceptual_weight to 0."
+            )
+        self.network = torch.jit.load(network_path, map_location="cpu").eval()
+        for parameter in self.network.parameters():
+            parameter.requires_grad_(False)
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self.network.to(prediction.device)
+        features_p, features_t = self.network(prediction), self.network(target)
+        if isinstance(features_p, torch.Tensor):
+            features_p, features_t = [features_p], [features_t]
+        return sum(F.l1_loss(p, t) for p, t in zip(features_p, features_t)) / len(features_p)
+
+
+class AutoencoderIteration:
+    """
+    One stage-1 step (the `iteration_update` of a MONAI SupervisedTrainer whose network is the AutoencoderKL):
+    generator loss L1 + kl_weight * KL (+ perceptual) (+ adversarial), then, once past the warm-up, one step of
+    the patch discriminator on real vs reconstructed images (least-squares GAN).
+    """
+
+    def __init__(
+        self,
+        kl_weight: float = 1e-6,
+        discriminator: nn.Module | None = None,
+        discriminator_optimizer: torch.optim.Optimizer | None = None,
+        adversarial_weight: float = 0.01,
+        adversarial_warmup_epochs: int = 0,
+        perceptual_loss: nn.Module | None = None,
+        perceptual_weight: float = 0.0,
+        precision: str = "fp32",
+    ) -> None:
+        if (discriminator is None) != (discriminator_optimizer is None):
+            raise ValueError("the adversarial loss needs both 'discriminator' and 'discriminator_optimizer'.")
+        if perceptual_weight > 0 and perceptual_loss is None:
+            raise ValueError("perceptual_weight > 0 needs a perceptual loss (set 'perceptual_network').")
+        self.kl_weight, self.adversarial_weight, self.warmup = kl_weight, adversarial_weight, adversarial_warmup_epochs
+        self.discriminator, self.discriminator_optimizer = discriminator, discriminator_optimizer
+        self.perceptual_loss, self.perceptual_weight = perceptual_loss, perceptual_weight
+        self.precision = precision
+        self.adversarial_loss = PatchAdversarialLoss(criterion="least_squares")
+
+    def __call__(self, engine: Engine, batchdata: Mapping[str, Any]) -> dict[str, Any]:
+        images = batchdata["image"].to(engine.state.device).float()
+        autoencoder = engine.network
+        autoencoder.train()
+        adversarial = self.discriminator is not None and engine.state.epoch > self.warmup
+        engine.optimizer.zero_grad(set_to_none=True)
+        with precision_context(images.device, self.precision):
+            reconstruction, z_mu, z_sigma = autoencoder(images)
+        reconstruction = reconstruction.float()
+        l1 = F.l1_loss(reconstruction, images)
+        kl = kl_divergence(z_mu.float(), z_sigma.float())
+        loss = l1 + self.kl_weight * kl
+        if self.perceptual_loss is not None and self.perceptual_weight > 0:
+            loss = loss + self.perceptual_weight * self.perceptual_loss(reconstruction, images)
+        output = {"image": images, "pred": reconstruction.detach(), "l1": l1.item(), "kl": kl.item()}
+        if adversarial:
+            with precision_context(images.device, self.precision):
+                logits_fake = self.discriminator(reconstruction)[-1].float()
+            generator_adversarial = self.adversarial_loss(logits_fake, target_is_real=True, for_discriminator=False)
+            loss = loss + self.adversarial_weight * generator_adversarial
+        loss.backward()
+        engine.optimizer.step()
+        output["loss"] = loss.item()
+        if adversarial:
+            output["discriminator_loss"] = self._discriminator_step(images, reconstruction.detach())
+        return output
+
+    def _discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> float:
+        self.discriminator.train()
+        self.discriminator_optimizer.zero_grad(set_to_none=True)
+        with precision_context(real.device, self.precision):
+            logits_fake = self.discriminator(fake)[-1].float()
+            logits_real = self.discriminator(real)[-1].float()
+        loss_fake = self.adversarial_loss(logits_fake, target_is_real=False, for_discriminator=True)
+        loss_real = self.adversarial_loss(logits_real, target_is_real=True, for_discriminator=True)
+        loss = self.adversarial_weight * 0.5 * (loss_fake + loss_real)
+        loss.backward()
+        self.discriminator_optimizer.step()
+        return loss.item()
+
+
+class LatentDiffusionPrepareBatch:
+    """
+    Stage-2 batch: encode images to scaled latents z_0 with the frozen autoencoder, apply the drifted forward
+    process, and return (z_t, target, (timesteps, condition), {}) for a SupervisedTrainer/Evaluator whose network
+    is the model's denoiser and whose loss compares its output with the target.
+    """
+
+    def __init__(
+        self, model: LatentDriftModel, noising: DriftNoised, image_key: str = "image", condition_key: str = "condition"
+    ) -> None:
+        self.model, self.noising = model, noising
+        self.image_key, self.condition_key = image_key, condition_key
+        self.model.autoencoder.eval().requires_grad_(False)
+
+    def __call__(self, batchdata: Mapping[str, Any], device: torch.device | None = None, non_blocking: bool = False, **_):
+        images = batchdata[self.image_key].to(device=device, non_blocking=non_blocking).float()
+        condition = batchdata[self.condition_key].to(device=device, non_blocking=non_blocking).float()
+        with torch.no_grad():
+            z0 = self.model.encode(images)
+        noised = self.noising({"latent": z0})
+        return noised["noisy"], noised["target"], (noised["timesteps"], condition), {}
+
+
+def reconstruction_batch(batchdata: Mapping[str, Any], device: torch.device | None = None, non_blocking: bool = False, **_):
+    """Stage-1 validation batch: the image is both the input and the target of the autoencoder."""
+    images = batchdata["image"].to(device=device, non_blocking=non_blocking).float()
+    return images, images
+
+
+class LossHistory:
+    """Handler: appends each epoch's mean training loss to a JSON file (kept across resumed runs)."""
+
+    def __init__(self, path: str, loss_key: str = "loss") -> None:
+        self.path, self.loss_key = Path(path), loss_key
+        self.total, self.count = 0.0, 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self.total, self.count = 0.0, 0
+
+    def _accumulate(self, engine: Engine) -> None:
+        output = engine.state.output
+        output = output[0] if isinstance(output, list) else output
+        self.total += float(output[self.loss_key])
+        self.count += 1
+
+    def _write(self, engine: Engine) -> None:
+        history = json.loads(self.path.read_text()) if self.path.is_file() else []
+        history = [row for row in history if row["epoch"] < engine.state.epoch]  # a resumed run rewrites its epochs
+        history.append({"epoch": engine.state.epoch, "iteration": engine.state.iteration, "loss": self.total / max(1, self.count)})
+        atomic_write_text(json.dumps(history, indent=4), self.path)
+
+
+class Reseed:
+    """Handler: re-seeds a randomizable transform whenever the engine starts (a reproducible validation loss)."""
+
+    def __init__(self, transform: Any, seed: int = 0) -> None:
+        self.transform, self.seed = transform, seed
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: self.transform.set_random_state(seed=self.seed))
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, then rename: a reader never sees a partial file."""
+    _atomic_write(path, lambda temporary: torch.save(obj, temporary))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    """Write text to a temporary file in the same folder, then rename."""
+    _atomic_write(path, lambda temporary: Path(temporary).write_text(text))
+
+
+def _atomic_write(path: str | os.PathLike, write: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temporary)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class TrainingCheckpoint:
+    """
+    Handler: saves {name: state_dict} of `save_dict` (network, optimizers, trainer...) atomically to
+    `<checkpoint_dir>/checkpoint_last.pt` every `save_every_epochs` epochs and at the end, writes the final network
+    weights to `final_path` (strict keys), resumes from the last checkpoint when training starts (if `resume`), and
+    otherwise can fine-tune from the model weights in `finetune_from`.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str,
+        save_dict: Mapping[str, Any],
+        final_path: str | None = None,
+        final_key: str = "model",
+        save_every_epochs: int = 1,
+        resume: bool = True,
+        finetune_from: str | None = None,
+    ) -> None:
+        if finetune_from and not Path(finetune_from).is_file():
+            raise FileNotFoundError(f"finetune_from: no checkpoint file at {finetune_from!r}.")
+        self.checkpoint_path = Path(checkpoint_dir) / "checkpoint_last.pt"
+        self.save_dict, self.final_path, self.final_key = dict(save_dict), final_path, final_key
+        self.save_every_epochs, self.resume, self.finetune_from = save_every_epochs, resume, finetune_from
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=max(1, self.save_every_epochs)), self.save)
+        engine.add_event_handler(Events.COMPLETED, self.save_final)
+
+    def load(self, engine: Engine) -> None:
+        if self.resume and self.checkpoint_path.is_file():
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+            max_epochs = engine.state.max_epochs
+            for name, obj in self.save_dict.items():
+                obj.load_state_dict(state[name])
+            if engine.state.epoch > max_epochs:
+                raise ValueError(
+                    f"{self.checkpoint_path} is at epoch {engine.state.epoch}, beyond max_epochs={max_epochs}: raise "
+                    "max_epochs to train further, or set resume to false to start over."
+                )
+            engine.state.max_epochs = max_epochs
+            logger.info(f"resumed from {self.checkpoint_path} at epoch {engine.state.epoch}")
+        elif self.finetune_from:
+            weights = torch.load(self.finetune_from, map_location="cpu", weights_only=True)
+            if isinstance(weights.get(self.final_key), Mapping):  # a checkpoint_last.pt rather than a weights file
+                weights = weights[self.final_key]
+            self.save_dict[self.final_key].load_state_dict(weights, strict=True)
+            logger.info(f"fine-tuning from {self.finetune_from}")
+
+    def save(self, engine: Engine) -> None:
+        atomic_save({name: obj.state_dict() for name, obj in self.save_dict.items()}, self.checkpoint_path)
+
+    def save_final(self, engine: Engine) -> None:
+        self.save(engine)
+        if self.final_path:
+            atomic_save(self.save_dict[self.final_key].state_dict(), self.final_path)
+            logger.info(f"saved final weights to {self.final_path}")
+
+
+class SampleImages:
+    """
+    Handler: every `every_epochs` epochs, draws drifted DDIM samples for a few covariate records with a fixed seed
+    and writes them to TensorBoard, so training progress can be seen, not only read off a loss.
+    """
+
+    def __init__(
+        self,
+        model: LatentDriftModel,
+        scheduler: DDIMScheduler,
+        encoder: CovariateEncoder,
+        records: Sequence[Mapping[str, Any]],
+        latent_shape: Sequence[int],
+        log_dir: str,
+        every_epochs: int = 1,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 1.0,
+        seed: int = 0,
+        precision: str = "fp32",
+    ) -> None:
+        self.model, self.scheduler, self.log_dir = model, scheduler, log_dir
+        self.conditions = torch.stack([encoder.encode(r, source="sample_records") for r in records]).unsqueeze(1)
+        self.null = encoder.null()
+        self.latent_shape, self.every_epochs = tuple(latent_shape), every_epochs
+        self.steps, self.guidance_scale, self.seed, self.precision = num_inference_steps, guidance_scale, seed, precision
+        self.writer = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=max(1, self.every_epochs)), self)
+
+    def __call__(self, engine: Engine) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = self.writer or SummaryWriter(log_dir=self.log_dir)
+        device = next(self.model.parameters()).device
+        noise = torch.randn(
+            (len(self.conditions), *self.latent_shape), generator=torch.Generator().manual_seed(self.seed)
+        ).to(device)
+        was_training = self.model.denoiser.training
+        self.model.eval()
+        latents = sample_latents(
+            self.model,
+            self.scheduler,
+            noise,
+            self.conditions.to(device),
+            num_inference_steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            null_condition=self.null.to(device),
+            precision=self.precision,
+        )
+        with torch.inference_mode():
+            images = self.model.decode(latents).float().clamp(0, 1).cpu()
+        self.model.denoiser.train(was_training)
+        for index, image in enumerate(images):
+            plot_2d_or_3d_image(image[None], engine.state.epoch, self.writer, tag=f"sample_{index}", max_channels=1)
+        self.writer.flush()

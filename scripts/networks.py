@@ -1,0 +1,122 @@
+"""The network component: autoencoder + covariate-conditioned diffusion UNet + Latent Drift in one module."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from torch import nn
+
+from scripts.drift import LatentDrift
+
+FINETUNE_SCHEMES = ("full", "cross_attention", "embedding")
+
+
+class ConditionedUNet(nn.Module):
+    """
+    The denoiser ε_θ(z_t, t, c): a learned embedding maps the covariate vector c (B, 1, size) to the UNet's
+    cross-attention context (B, 1, context_dim).
+
+    Args:
+        unet: a MONAI DiffusionModelUNet built `with_conditioning=True`.
+        condition_size: length of the covariate vector (`CovariateEncoder.size`).
+        context_dim: the UNet's `cross_attention_dim`.
+    """
+
+    def __init__(self, unet: DiffusionModelUNet, condition_size: int, context_dim: int) -> None:
+        super().__init__()
+        if not unet.with_conditioning:
+            raise ValueError("the diffusion UNet must be built with with_conditioning=True and a cross_attention_dim.")
+        self.unet = unet
+        self.embedding = nn.Linear(condition_size, context_dim)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        context = self.embedding(condition.reshape(condition.shape[0], 1, -1))
+        return self.unet(x, timesteps=timesteps, context=context)
+
+
+class LatentDriftModel(nn.Module):
+    """
+    One module holding the whole generative model, saved as `models/model.pt` with strict keys.
+
+    `encode` / `decode` map images to the scaled diffusion latent and back (the scale factor is measured on training
+    data before stage 2 and saved with the weights); `forward(image)` returns an image so MONAI tools can call it.
+
+    Args:
+        autoencoder: the stage-1 MONAI AutoencoderKL.
+        denoiser: the stage-2 ConditionedUNet.
+        drift: the Latent Drift component (its δ is a run setting, not part of the saved weights).
+    """
+
+    def __init__(self, autoencoder: AutoencoderKL, denoiser: ConditionedUNet, drift: LatentDrift | None = None):
+        super().__init__()
+        self.autoencoder, self.denoiser = autoencoder, denoiser
+        self.drift = drift if drift is not None else LatentDrift(0.0)
+        self.register_buffer("scale_factor", torch.tensor(1.0))
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.encode_stage_2_inputs(image) * self.scale_factor
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.decode_stage_2_outputs(latent / self.scale_factor)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """The image as the model represents it: encoded to the diffusion latent and decoded back."""
+        return self.decode(self.encode(image))
+
+
+def select_trainable(denoiser: ConditionedUNet, scheme: str = "full") -> list[nn.Parameter]:
+    """
+    Freeze the denoiser except what the fine-tuning scheme trains, and return those parameters for the optimizer.
+
+    "full": the whole UNet and the covariate embedding (basic fine-tuning);
+    "cross_attention": only the key/value projections of the cross-attention layers (Custom Diffusion);
+    "embedding": only the covariate embedding, the UNet frozen (Textual Inversion).
+    """
+    if scheme not in FINETUNE_SCHEMES:
+        raise ValueError(f"finetune_scheme must be one of {FINETUNE_SCHEMES}, got {scheme!r}.")
+    chosen = []
+    for name, parameter in denoiser.named_parameters():
+        if scheme == "full":
+            trainable = True
+        elif scheme == "cross_attention":
+            trainable = ".attn2.to_k." in name or ".attn2.to_v." in name
+        else:
+            trainable = name.startswith("embedding.")
+        parameter.requires_grad_(trainable)
+        if trainable:
+            chosen.append(parameter)
+    if not chosen:
+        raise ValueError(f"finetune_scheme {scheme!r} selects no parameter: the UNet has no cross-attention layer.")
+    return chosen
+
+
+@torch.no_grad()
+def latent_scale_factor(autoencoder: AutoencoderKL, batches: Iterable, image_key: str = "image", max_batches: int = 4):
+    """1 / std of the autoencoder's latents over a few training batches (Rombach et al. 2022, Sec. 4.3.2)."""
+    was_training = autoencoder.training
+    autoencoder.eval()
+    device = next(autoencoder.parameters()).device
+    latents = []
+    for index, batch in enumerate(batches):
+        if index >= max_batches:
+            break
+        latents.append(autoencoder.encode_stage_2_inputs(batch[image_key].to(device)).flatten().float().cpu())
+    autoencoder.train(was_training)
+    if not latents:
+        raise ValueError("cannot compute the latent scale factor: the training data loader yielded no batch.")
+    std = torch.cat(latents).std()
+    if not torch.isfinite(std) or std <= 0:
+        raise ValueError(f"cannot compute the latent scale factor: latent std is {std.item()}; check stage 1.")
+    return float(1.0 / std)
+
+
+def load_weights(module: nn.Module, path: str, hint: str = "") -> nn.Module:
+    """Load a strict state dict from `path` (weights only) into `module`; a missing file says what to run first."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no weights file at {path!r}. {hint}".strip())
+    module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    return module

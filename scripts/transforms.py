@@ -1,0 +1,225 @@
+"""MONAI transforms of the bundle: covariate encoding, condition dropout and the drifted forward noising."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.networks.schedulers.scheduler import Scheduler
+from monai.transforms import MapTransform, RandomizableTransform, Transform
+
+from scripts.drift import LatentDrift
+
+COVARIATE_TYPES = ("continuous", "binary", "categorical")
+
+
+class CovariateError(ValueError):
+    """A covariate record or schema that cannot be encoded; the message names the field."""
+
+
+class CovariateEncoder:
+    """
+    Turns a record of patient covariates into the normalised conditioning vector of the diffusion model.
+
+    The schema is declared once in config, one entry per covariate, in vector order::
+
+        {"age": {"type": "continuous", "range": [40, 100]},
+         "sex": {"type": "binary", "categories": ["F", "M"]},
+         "diagnosis": {"type": "categorical", "categories": ["CN", "MCI", "AD"]}}
+
+    Encoding: continuous -> (value - low) / (high - low), one entry; binary -> 0 for the first category, 1 for the
+    second (0/1 and booleans are accepted too), one entry; categorical -> one-hot, one entry per category. A last
+    entry flags the reserved null condition (all zeros, flag 1) used for classifier-free guidance. A covariate with
+    a "default" may be missing from a record; any other missing, unknown or out-of-range value is an error.
+    """
+
+    def __init__(self, schema: Mapping[str, Mapping[str, Any]]) -> None:
+        if not isinstance(schema, Mapping) or not schema:
+            raise CovariateError("covariate_schema must be a non-empty mapping of covariate name -> definition.")
+        self.schema = {str(name): dict(spec) for name, spec in schema.items()}
+        for name, spec in self.schema.items():
+            _check_spec(name, spec)
+        self.size = sum(_width(spec) for spec in self.schema.values()) + 1
+
+    def encode(self, record: Mapping[str, Any], source: str = "record") -> torch.Tensor:
+        """The conditioning vector (size,) of `record`; errors name `source` and the field."""
+        values: list[float] = []
+        for name, spec in self.schema.items():
+            value = record.get(name, spec.get("default"))
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                raise CovariateError(f"{source}: covariate '{name}' is missing; add it ({_expected(spec)}).")
+            values.extend(_encode_value(name, spec, value, source))
+        return torch.tensor(values + [0.0], dtype=torch.float32)
+
+    def null(self) -> torch.Tensor:
+        """The reserved null condition: zeros with the null flag set."""
+        vector = torch.zeros(self.size, dtype=torch.float32)
+        vector[-1] = 1.0
+        return vector
+
+    def check_records(self, records: Sequence[Mapping[str, Any]], source: str = "datalist") -> list:
+        """Encode every record once, so a bad covariate stops the run before any compute. Returns `records`."""
+        for index, record in enumerate(records):
+            where = f"{source}, record {index}" + (f" ({record['image']})" if "image" in record else "")
+            self.encode(record, source=where)
+        return list(records)
+
+    def describe(self) -> dict[str, Any]:
+        """How each covariate is encoded, for metadata.json and the docs."""
+        layout, start = {}, 0
+        for name, spec in self.schema.items():
+            width = _width(spec)
+            layout[name] = {**spec, "slice": [start, start + width]}
+            start += width
+        layout["null_flag"] = {"slice": [start, start + 1]}
+        return {"size": self.size, "layout": layout}
+
+
+def _width(spec: Mapping[str, Any]) -> int:
+    return len(spec["categories"]) if spec["type"] == "categorical" else 1
+
+
+def _expected(spec: Mapping[str, Any]) -> str:
+    if spec["type"] == "continuous":
+        return f"a number in {list(spec['range'])}"
+    return f"one of {list(spec.get('categories', [0, 1]))}"
+
+
+def _check_spec(name: str, spec: dict[str, Any]) -> None:
+    kind = spec.get("type")
+    if kind not in COVARIATE_TYPES:
+        raise CovariateError(f"covariate_schema['{name}']: 'type' must be one of {COVARIATE_TYPES}, got {kind!r}.")
+    if kind == "continuous":
+        low_high = spec.get("range")
+        if not isinstance(low_high, Sequence) or len(low_high) != 2 or not float(low_high[0]) < float(low_high[1]):
+            raise CovariateError(f"covariate_schema['{name}']: continuous needs 'range': [low, high] with low < high.")
+    else:
+        categories = spec.setdefault("categories", [0, 1]) if kind == "binary" else spec.get("categories")
+        needed = 2 if kind == "binary" else None
+        if not isinstance(categories, list) or len(set(map(str, categories))) != len(categories) or len(categories) < 2:
+            raise CovariateError(f"covariate_schema['{name}']: {kind} needs a list of distinct 'categories'.")
+        if needed and len(categories) != needed:
+            raise CovariateError(f"covariate_schema['{name}']: binary needs exactly 2 categories, got {categories}.")
+
+
+def _encode_value(name: str, spec: Mapping[str, Any], value: Any, source: str) -> list[float]:
+    kind = spec["type"]
+    if kind == "continuous":
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise CovariateError(f"{source}: covariate '{name}' must be a number, got {value!r}.") from None
+        low, high = float(spec["range"][0]), float(spec["range"][1])
+        if not low <= number <= high:
+            raise CovariateError(
+                f"{source}: covariate '{name}' = {number:g} is outside its range [{low:g}, {high:g}] in "
+                "covariate_schema; fix the value or widen the range (and retrain)."
+            )
+        return [(number - low) / (high - low)]
+    categories = [str(c) for c in spec["categories"]]
+    text = str(int(value)) if isinstance(value, (bool, np.bool_)) else str(value)
+    if kind == "binary" and text not in categories and text in ("0", "1"):
+        return [float(text)]
+    if text not in categories:
+        raise CovariateError(f"{source}: covariate '{name}' = {value!r} is unknown; expected {_expected(spec)}.")
+    if kind == "binary":
+        return [float(categories.index(text))]
+    return [1.0 if category == text else 0.0 for category in categories]
+
+
+class EncodeCovariatesd(Transform):
+    """
+    Dictionary transform: encodes the covariates of a datalist record into `output_key`, shape (1, size), ready to
+    be collated into the (B, 1, size) cross-attention context.
+    """
+
+    def __init__(self, encoder: CovariateEncoder, output_key: str = "condition", prefix: str = "") -> None:
+        self.encoder, self.output_key, self.prefix = encoder, output_key, prefix
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        record = {name: d.get(self.prefix + name) for name in self.encoder.schema if self.prefix + name in d}
+        source = _source_name(d)
+        d[self.output_key] = self.encoder.encode(record, source=source).unsqueeze(0)
+        return d
+
+
+def _source_name(data: Mapping[Hashable, Any]) -> str:
+    image = data.get("image")
+    meta = getattr(image, "meta", None)
+    if isinstance(meta, Mapping) and "filename_or_obj" in meta:
+        return str(meta["filename_or_obj"])
+    return str(image) if isinstance(image, str) else "record"
+
+
+class ConditionDropoutd(RandomizableTransform, MapTransform):
+    """Replaces the condition by the null condition with probability `prob` (classifier-free guidance training)."""
+
+    def __init__(self, keys: KeysCollection, encoder: CovariateEncoder, prob: float = 0.1) -> None:
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"condition dropout prob must be in [0, 1], got {prob}.")
+        RandomizableTransform.__init__(self, prob=prob)
+        MapTransform.__init__(self, keys)
+        self.null = encoder.null()
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        if self._do_transform:
+            for key in self.key_iterator(d):
+                d[key] = self.null.to(d[key]).expand_as(d[key]).clone()
+        return d
+
+
+class DriftNoised(RandomizableTransform, MapTransform):
+    """
+    Dictionary transform: the drifted forward process applied to a batch of clean latents z_0 (B, C, *spatial).
+
+    Samples one timestep per item and ε ~ N(0, I), then writes z_t = sqrt(ᾱ_t) z_0 + sqrt(1 - ᾱ_t)(ε + δ) to
+    `noisy_key`, the model's loss target to `target_key` and the timesteps to `timesteps_key`.
+    Seed it with `set_random_state` for a reproducible validation loss.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        scheduler: Scheduler,
+        drift: LatentDrift,
+        noisy_key: str = "noisy",
+        target_key: str = "target",
+        timesteps_key: str = "timesteps",
+    ) -> None:
+        RandomizableTransform.__init__(self, prob=1.0)
+        MapTransform.__init__(self, keys)
+        self.scheduler, self.drift = scheduler, drift
+        self.noisy_key, self.target_key, self.timesteps_key = noisy_key, target_key, timesteps_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            z0 = d[key]
+            generator = torch.Generator().manual_seed(int(self.R.randint(0, 2**31 - 1)))
+            timesteps = torch.randint(0, self.scheduler.num_train_timesteps, (z0.shape[0],), generator=generator)
+            noise = torch.randn(z0.shape, generator=generator, dtype=z0.dtype).to(z0.device)
+            noisy, target = self.drift.add_noise(self.scheduler, z0, noise, timesteps.to(z0.device))
+            d[self.noisy_key], d[self.target_key], d[self.timesteps_key] = noisy, target, timesteps.to(z0.device)
+        return d
+
+
+
+class ToGrayscaled(MapTransform):
+    """Dictionary transform: an RGB(A) channel-first image becomes one channel (the mean of R, G, B)."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            if image.shape[0] in (3, 4):
+                d[key] = image[:3].mean(0, keepdim=True)
+            elif image.shape[0] != 1:
+                raise ValueError(f"{_source_name(d)}: expected a grayscale or RGB image, got {image.shape[0]} channels.")
+        return d
