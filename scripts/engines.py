@@ -308,7 +308,8 @@ class SampleImages:
         self.writer = None
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED(every=max(1, self.every_epochs)), self)
+        if self.every_epochs > 0:  # 0 turns sampling off
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every_epochs), self)
 
     def __call__(self, engine: Engine) -> None:
         from torch.utils.tensorboard import SummaryWriter

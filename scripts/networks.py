@@ -13,10 +13,29 @@ from scripts.drift import LatentDrift
 FINETUNE_SCHEMES = ("full", "cross_attention", "embedding")
 
 
+class CovariateTokens(nn.Module):
+    """
+    Embeds a covariate vector c (B, 1, size) as `size` context tokens (B, size, dim): token_i = c_i w_i + b_i.
+
+    One token per vector entry (rather than one token for the whole vector) lets cross-attention weigh covariates
+    against each other and position by position, so its query and key projections learn too.
+    """
+
+    def __init__(self, condition_size: int, context_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(condition_size, context_dim) * context_dim**-0.5)
+        self.bias = nn.Parameter(torch.randn(condition_size, context_dim) * context_dim**-0.5)
+
+    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+        values = condition.reshape(condition.shape[0], -1, 1)
+        if values.shape[1] != self.weight.shape[0]:
+            raise ValueError(f"condition has {values.shape[1]} values, the model expects {self.weight.shape[0]}.")
+        return values * self.weight + self.bias
+
+
 class ConditionedUNet(nn.Module):
     """
-    The denoiser ε_θ(z_t, t, c): a learned embedding maps the covariate vector c (B, 1, size) to the UNet's
-    cross-attention context (B, 1, context_dim).
+    The denoiser ε_θ(z_t, t, c): covariate tokens (`CovariateTokens`) are the UNet's cross-attention context.
 
     Args:
         unet: a MONAI DiffusionModelUNet built `with_conditioning=True`.
@@ -29,19 +48,19 @@ class ConditionedUNet(nn.Module):
         if not unet.with_conditioning:
             raise ValueError("the diffusion UNet must be built with with_conditioning=True and a cross_attention_dim.")
         self.unet = unet
-        self.embedding = nn.Linear(condition_size, context_dim)
+        self.embedding = CovariateTokens(condition_size, context_dim)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        context = self.embedding(condition.reshape(condition.shape[0], 1, -1))
-        return self.unet(x, timesteps=timesteps, context=context)
+        return self.unet(x, timesteps=timesteps, context=self.embedding(condition))
 
 
 class LatentDriftModel(nn.Module):
     """
     One module holding the whole generative model, saved as `models/model.pt` with strict keys.
 
-    `encode` / `decode` map images to the scaled diffusion latent and back (the scale factor is measured on training
-    data before stage 2 and saved with the weights); `forward(image)` returns an image so MONAI tools can call it.
+    `encode` / `decode` map images to the scaled diffusion latent and back: encoding takes the posterior mean, so it
+    is deterministic (inversion needs that); the scale factor is measured on training data before stage 2 and saved
+    with the weights. `forward(image)` returns an image so MONAI tools can call it.
 
     Args:
         autoencoder: the stage-1 MONAI AutoencoderKL.
@@ -56,7 +75,7 @@ class LatentDriftModel(nn.Module):
         self.register_buffer("scale_factor", torch.tensor(1.0))
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.encode_stage_2_inputs(image) * self.scale_factor
+        return self.autoencoder.encode(image)[0] * self.scale_factor
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return self.autoencoder.decode_stage_2_outputs(latent / self.scale_factor)
@@ -94,7 +113,7 @@ def select_trainable(denoiser: ConditionedUNet, scheme: str = "full") -> list[nn
 
 @torch.no_grad()
 def latent_scale_factor(autoencoder: AutoencoderKL, batches: Iterable, image_key: str = "image", max_batches: int = 4):
-    """1 / std of the autoencoder's latents over a few training batches (Rombach et al. 2022, Sec. 4.3.2)."""
+    """1 / std of the autoencoder's latents (posterior means) over a few training batches (Rombach et al. 2022)."""
     was_training = autoencoder.training
     autoencoder.eval()
     device = next(autoencoder.parameters()).device
@@ -102,7 +121,7 @@ def latent_scale_factor(autoencoder: AutoencoderKL, batches: Iterable, image_key
     for index, batch in enumerate(batches):
         if index >= max_batches:
             break
-        latents.append(autoencoder.encode_stage_2_inputs(batch[image_key].to(device)).flatten().float().cpu())
+        latents.append(autoencoder.encode(batch[image_key].to(device))[0].flatten().float().cpu())
     autoencoder.train(was_training)
     if not latents:
         raise ValueError("cannot compute the latent scale factor: the training data loader yielded no batch.")

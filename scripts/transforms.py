@@ -49,7 +49,8 @@ class CovariateEncoder:
         """The conditioning vector (size,) of `record`; errors name `source` and the field."""
         values: list[float] = []
         for name, spec in self.schema.items():
-            value = record.get(name, spec.get("default"))
+            value = record.get(name)
+            value = spec.get("default") if value is None else value
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 raise CovariateError(f"{source}: covariate '{name}' is missing; add it ({_expected(spec)}).")
             values.extend(_encode_value(name, spec, value, source))
@@ -95,7 +96,12 @@ def _check_spec(name: str, spec: dict[str, Any]) -> None:
         raise CovariateError(f"covariate_schema['{name}']: 'type' must be one of {COVARIATE_TYPES}, got {kind!r}.")
     if kind == "continuous":
         low_high = spec.get("range")
-        if not isinstance(low_high, Sequence) or len(low_high) != 2 or not float(low_high[0]) < float(low_high[1]):
+        try:
+            low, high = (float(bound) for bound in low_high)
+            valid = low < high and not isinstance(low_high, str)
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
             raise CovariateError(f"covariate_schema['{name}']: continuous needs 'range': [low, high] with low < high.")
     else:
         categories = spec.setdefault("categories", [0, 1]) if kind == "binary" else spec.get("categories")
@@ -121,7 +127,8 @@ def _encode_value(name: str, spec: Mapping[str, Any], value: Any, source: str) -
             )
         return [(number - low) / (high - low)]
     categories = [str(c) for c in spec["categories"]]
-    text = str(int(value)) if isinstance(value, (bool, np.bool_)) else str(value)
+    integral = isinstance(value, (bool, np.bool_)) or (isinstance(value, float) and value.is_integer())
+    text = str(int(value)) if integral else str(value)
     if kind == "binary" and text not in categories and text in ("0", "1"):
         return [float(text)]
     if text not in categories:
