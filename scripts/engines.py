@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
+from monai.data import MetaTensor
 from monai.losses import PatchAdversarialLoss
 from monai.networks.schedulers import DDIMScheduler
 from monai.visualize import plot_2d_or_3d_image
@@ -23,6 +24,11 @@ from scripts.networks import LatentDriftModel
 from scripts.transforms import CovariateEncoder, DriftNoised
 
 logger = logging.getLogger(__name__)
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A MetaTensor's plain data (training needs no metadata tracking through the networks)."""
+    return tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
 
 
 def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
@@ -88,7 +94,7 @@ class AutoencoderIteration:
         self.adversarial_loss = PatchAdversarialLoss(criterion="least_squares")
 
     def __call__(self, engine: Engine, batchdata: Mapping[str, Any]) -> dict[str, Any]:
-        images = batchdata["image"].to(engine.state.device).float()
+        images = _plain(batchdata["image"]).to(engine.state.device).float()
         autoencoder = engine.network
         autoencoder.train()
         adversarial = self.discriminator is not None and engine.state.epoch > self.warmup
@@ -143,8 +149,8 @@ class LatentDiffusionPrepareBatch:
         self.model.autoencoder.eval().requires_grad_(False)
 
     def __call__(self, batchdata: Mapping[str, Any], device: torch.device | None = None, non_blocking: bool = False, **_):
-        images = batchdata[self.image_key].to(device=device, non_blocking=non_blocking).float()
-        condition = batchdata[self.condition_key].to(device=device, non_blocking=non_blocking).float()
+        images = _plain(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking).float()
+        condition = _plain(batchdata[self.condition_key]).to(device=device, non_blocking=non_blocking).float()
         with torch.no_grad():
             z0 = self.model.encode(images)
         noised = self.noising({"latent": z0})
@@ -153,7 +159,7 @@ class LatentDiffusionPrepareBatch:
 
 def reconstruction_batch(batchdata: Mapping[str, Any], device: torch.device | None = None, non_blocking: bool = False, **_):
     """Stage-1 validation batch: the image is both the input and the target of the autoencoder."""
-    images = batchdata["image"].to(device=device, non_blocking=non_blocking).float()
+    images = _plain(batchdata["image"]).to(device=device, non_blocking=non_blocking).float()
     return images, images
 
 

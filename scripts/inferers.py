@@ -101,3 +101,167 @@ def sample_latents(
             output = guided_noise_estimate(model.denoiser, latent, t, condition, null_condition, guidance_scale)
         latent = drift.step(scheduler, output.float(), t, latent)
     return latent
+
+
+@torch.inference_mode()
+def invert_latents(
+    model: LatentDriftModel,
+    scheduler: DDIMScheduler,
+    latent: torch.Tensor,
+    condition: torch.Tensor,
+    timesteps: torch.Tensor,
+    drift: LatentDrift | None = None,
+    fixed_point_iterations: int = 0,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """
+    Drifted DDIM inversion of a clean latent z_0 up the given (descending) `timesteps`, under `condition`.
+
+    Each step inverts the drifted DDIM step exactly for a noise estimate ε_θ(ẑ_t, t, c); the estimate is first
+    taken at the known lower state, then refined `fixed_point_iterations` times at the current guess of z_t, so that
+    with enough iterations sampling back down from the result retraces the input (Pan et al. 2023, fixed-point
+    inversion).
+    """
+    drift = drift if drift is not None else model.drift
+    for t in timesteps.flip(0):
+        lower = latent
+        for _ in range(fixed_point_iterations + 1):
+            with precision_context(latent.device, precision):
+                output = guided_noise_estimate(model.denoiser, latent, t, condition, None, 1.0).float()
+            latent = drift.invert_step(scheduler, output, t, lower)
+    return latent
+
+
+@torch.inference_mode()
+def denoise_latents(
+    model: LatentDriftModel,
+    scheduler: DDIMScheduler,
+    latent: torch.Tensor,
+    condition: torch.Tensor,
+    timesteps: torch.Tensor,
+    guidance_scale: float = 1.0,
+    null_condition: torch.Tensor | None = None,
+    drift: LatentDrift | None = None,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """Drifted DDIM sampling from a noisy latent at timesteps[0] down to z_0, with classifier-free guidance."""
+    drift = drift if drift is not None else model.drift
+    for t in timesteps:
+        with precision_context(latent.device, precision):
+            output = guided_noise_estimate(model.denoiser, latent, t, condition, null_condition, guidance_scale)
+        latent = drift.step(scheduler, output.float(), t, latent)
+    return latent
+
+
+class CounterfactualInferer(Inferer):
+    """
+    Counterfactual image synthesis by abduction -> action -> prediction (Pearl's three steps):
+
+    1. abduction: encode the image to z_0 and DDIM-invert it with drift under the *source* covariates up to
+       t_0 = strength * T (the inverted latent carries what the covariates do not explain: the subject's anatomy);
+    2. action: swap the condition for the *target* covariates;
+    3. prediction: DDIM-sample from t_0 down to 0 with drift and classifier-free guidance, then decode.
+
+    Args:
+        scheduler: a DDIMScheduler with clip_sample=False.
+        num_inference_steps: DDIM steps over the whole chain [T, 0]; strength * steps of them are used each way.
+        strength: fraction of the chain inverted, in (0, 1]: higher allows larger changes, lower keeps more detail.
+        guidance_scale: classifier-free guidance weight w of the target condition (1 = no guidance).
+        null_condition: the encoder's null condition vector (needed for guidance).
+        delta: drift δ for inference (float or per-channel list); None keeps the model's own drift.
+        drift_schedule: "paper" or "marginal" (see scripts/drift.py), used with `delta`.
+        num_samples: n > 1 draws n counterfactuals and returns their mean and per-voxel std. Each draw starts from
+            the inverted latent mixed with fresh noise, sqrt(1 - j²) z_t0 + j ε (variance preserving, j =
+            `sample_jitter`); n = 1 uses the inverted latent as it is (deterministic).
+        sample_jitter: j above, in [0, 1].
+        seed: seed of every random draw, so the same call gives the same output.
+        fixed_point_iterations: refinements per inversion step (see `invert_latents`).
+        precision: "fp32", "bf16" (CPU or CUDA) or "fp16" (CUDA).
+    """
+
+    def __init__(
+        self,
+        scheduler: DDIMScheduler,
+        num_inference_steps: int = 50,
+        strength: float = 0.6,
+        guidance_scale: float = 1.0,
+        null_condition: torch.Tensor | None = None,
+        delta: float | list[float] | None = None,
+        drift_schedule: str = "paper",
+        num_samples: int = 1,
+        sample_jitter: float = 0.1,
+        seed: int = 0,
+        fixed_point_iterations: int = 1,
+        precision: str = "fp32",
+    ) -> None:
+        super().__init__()
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}.")
+        if num_samples < 1 or num_inference_steps < 1:
+            raise ValueError("num_samples and num_inference_steps must be at least 1.")
+        if not 0.0 <= sample_jitter <= 1.0:
+            raise ValueError(f"sample_jitter must be in [0, 1], got {sample_jitter}.")
+        if guidance_scale != 1.0 and null_condition is None:
+            raise ValueError("guidance_scale != 1 needs the null condition (covariate_encoder.null()).")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}.")
+        self.scheduler, self.num_inference_steps, self.strength = scheduler, num_inference_steps, strength
+        self.guidance_scale, self.null_condition = guidance_scale, null_condition
+        self.drift = LatentDrift(delta, drift_schedule) if delta is not None else None
+        self.num_samples, self.sample_jitter, self.seed = num_samples, sample_jitter, seed
+        self.fixed_point_iterations, self.precision = fixed_point_iterations, precision
+
+    def timesteps(self) -> torch.Tensor:
+        grid = set_inference_timesteps(self.scheduler, self.num_inference_steps)
+        return grid[len(grid) - max(1, round(self.strength * len(grid))) :]
+
+    @torch.inference_mode()
+    def counterfactual(
+        self,
+        inputs: torch.Tensor,
+        network: LatentDriftModel,
+        source_condition: torch.Tensor,
+        target_condition: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """{"counterfactual": mean image, "std": per-voxel std over samples (zeros for n = 1), "latent": z_0}."""
+        timesteps = self.timesteps()
+        with precision_context(inputs.device, self.precision):
+            z0 = network.encode(inputs).float()
+        inverted = invert_latents(
+            network, self.scheduler, z0, source_condition, timesteps, self.drift, self.fixed_point_iterations, self.precision
+        )
+        generator = torch.Generator().manual_seed(self.seed)
+        images = []
+        for _ in range(self.num_samples):
+            start = inverted
+            if self.num_samples > 1:
+                noise = torch.randn(inverted.shape, generator=generator).to(inverted)
+                start = (1 - self.sample_jitter**2) ** 0.5 * inverted + self.sample_jitter * noise
+            latent = denoise_latents(
+                network,
+                self.scheduler,
+                start,
+                target_condition,
+                timesteps,
+                self.guidance_scale,
+                self.null_condition,
+                self.drift,
+                self.precision,
+            )
+            with precision_context(inputs.device, self.precision):
+                images.append(network.decode(latent).float())
+        stacked = torch.stack(images)
+        std = stacked.std(0) if self.num_samples > 1 else torch.zeros_like(stacked[0])
+        return {"counterfactual": stacked.mean(0), "std": std, "latent": z0}
+
+    def __call__(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        network: LatentDriftModel,
+        source_condition: torch.Tensor,
+        target_condition: torch.Tensor,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """(B, 2C, ...): the counterfactual in the first C channels and its per-voxel std in the last C."""
+        result = self.counterfactual(inputs, network, source_condition, target_condition)
+        return torch.cat([result["counterfactual"], result["std"]], 1)

@@ -1,0 +1,246 @@
+"""Counterfactual workflow I/O: input records, intensity bookkeeping, atomic output files and the PNG montage."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import NibabelWriter
+from monai.transforms import LoadImage, MapTransform
+from PIL import Image
+
+from scripts.data import load_datalist
+from scripts.transforms import CovariateEncoder
+
+TARGET_PREFIX = "target_"
+
+
+def _as_mapping(value: Any, name: str) -> dict[str, Any]:
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{name} must be a dict such as \"{{'age': 85}}\", got {value!r}.") from None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name} must be a dict of covariates, got {value!r}.")
+    return dict(value)
+
+
+def counterfactual_records(
+    encoder: CovariateEncoder,
+    image: str | None = None,
+    source: Mapping[str, Any] | str | None = None,
+    target: Mapping[str, Any] | str | None = None,
+    datalist: str | None = None,
+    datalist_key: str = "test",
+) -> list[dict[str, Any]]:
+    """
+    The inputs of a counterfactual run, checked before any compute: either one `image` with its `source`
+    covariates and the `target` changes (covariates not named in `target` keep their source value), or every record
+    of `datalist[datalist_key]`, whose target covariates are keys prefixed "target_" (missing ones keep the source
+    value; a `target` given too applies to every record).
+    """
+    target = _as_mapping(target, "target")
+    if bool(image) == bool(datalist):
+        raise ValueError("give either 'image' (with 'source' and 'target') or 'datalist', not both or neither.")
+    if image:
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"image: no file at {image!r}.")
+        records = [{"image": str(image), **_as_mapping(source, "source")}]
+    else:
+        records = load_datalist(datalist, datalist_key)
+    unknown = sorted(set(target) - set(encoder.schema))
+    if unknown:
+        raise ValueError(f"target: unknown covariate(s) {unknown}; the schema has {sorted(encoder.schema)}.")
+    checked = []
+    for index, record in enumerate(records):
+        where = f"input {index} ({record.get('image')})"
+        if not Path(str(record.get("image", ""))).is_file():
+            raise FileNotFoundError(f"{where}: image file not found.")
+        encoder.encode(record, source=f"{where}, source covariates")
+        changes = {name: record.get(TARGET_PREFIX + name, target.get(name, record.get(name))) for name in encoder.schema}
+        encoder.encode(changes, source=f"{where}, target covariates")
+        checked.append({**record, **{TARGET_PREFIX + name: value for name, value in changes.items()}})
+    if not checked:
+        raise ValueError(f"{datalist}: '{datalist_key}' holds no record.")
+    return checked
+
+
+class RecordIntensityRanged(MapTransform):
+    """
+    Stores the image's lower and upper intensity percentiles in its metadata ("intensity_range") before
+    ScaleIntensityRangePercentilesd maps them to [0, 1], so outputs can be written back in the input's intensities.
+    """
+
+    def __init__(self, keys: KeysCollection, lower: float, upper: float) -> None:
+        super().__init__(keys)
+        self.lower, self.upper = lower, upper
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            values = torch.as_tensor(d[key]).float().flatten()
+            if values.numel() == 0 or not torch.isfinite(values).all():
+                raise ValueError(f"{_filename(d[key])}: the image is empty or holds NaN/Inf voxels.")
+            low, high = torch.quantile(values[:: max(1, values.numel() // 2_000_000)], torch.tensor([self.lower, self.upper]) / 100)
+            if not high > low:
+                raise ValueError(f"{_filename(d[key])}: the image is constant; there is nothing to condition on.")
+            d[key].meta["intensity_range"] = [float(low), float(high)]
+        return d
+
+
+def _filename(image: Any) -> str:
+    meta = getattr(image, "meta", {})
+    return str(meta.get("filename_or_obj", "image"))
+
+
+def _atomic_copy_into(folder: Path, staged: Path) -> None:
+    for item in staged.iterdir():
+        os.replace(item, folder / item.name)
+
+
+class WriteCounterfactuald(MapTransform):
+    """
+    Writes one counterfactual's outputs, all or nothing (into a temporary folder, then moved in place):
+    `<name>_counterfactual` (NIfTI with the input's affine and shape in 3D, PNG in 2D), `<name>_difference`
+    (counterfactual minus input, signed), `<name>_std` when several samples were drawn, `<name>_montage.png`
+    (input | counterfactual | difference, mid slices in 3D) and `<name>_record.json` (inputs and parameters).
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        encoder: CovariateEncoder,
+        parameters: Mapping[str, Any] | None = None,
+        counterfactual_key: str = "pred_counterfactual",
+        std_key: str = "pred_std",
+        write_std: bool = False,
+    ) -> None:
+        super().__init__(keys=[counterfactual_key], allow_missing_keys=False)
+        self.output_dir, self.encoder, self.parameters = Path(output_dir), encoder, dict(parameters or {})
+        self.counterfactual_key, self.std_key, self.write_std = counterfactual_key, std_key, write_std
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        source_path = _filename(d["image"])
+        low, high = d["image"].meta["intensity_range"]
+        original = LoadImage(image_only=True, ensure_channel_first=True)(source_path).float()
+        original = original.mean(0, keepdim=True) if original.shape[0] in (3, 4) else original
+        counterfactual = d[self.counterfactual_key].float() * (high - low) + low
+        if tuple(counterfactual.shape[1:]) != tuple(original.shape[1:]):
+            raise RuntimeError(f"{source_path}: output shape {tuple(counterfactual.shape)} != input {tuple(original.shape)}.")
+        difference = counterfactual - original
+        name = _stem(source_path)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.output_dir))
+        try:
+            outputs = {"counterfactual": counterfactual, "difference": difference}
+            if self.write_std:
+                outputs["std"] = d[self.std_key].float() * (high - low)
+            files = {kind: self._write_image(staged, f"{name}_{kind}", array, original, (low, high), kind)
+                     for kind, array in outputs.items()}  # fmt: skip
+            files["montage"] = write_montage(staged / f"{name}_montage.png", original, counterfactual, difference, (low, high))
+            record = {
+                "input": source_path,
+                "source": {k: _plain(d.get(k)) for k in self.encoder.schema},
+                "target": {k: _plain(d.get(TARGET_PREFIX + k)) for k in self.encoder.schema},
+                "parameters": self.parameters,
+                "outputs": {kind: str(self.output_dir / Path(path).name) for kind, path in files.items()},
+            }
+            (staged / f"{name}_record.json").write_text(json.dumps(record, indent=4))
+            _atomic_copy_into(self.output_dir, staged)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        d["output_record"] = str(self.output_dir / f"{name}_record.json")
+        return d
+
+    @staticmethod
+    def _write_image(folder: Path, stem: str, array: torch.Tensor, original: Any, window: tuple, kind: str) -> str:
+        if array.ndim == 4:  # (C, H, W, D): NIfTI with the input's affine
+            path = folder / f"{stem}.nii.gz"
+            writer = NibabelWriter(output_dtype=np.float32)
+            writer.set_data_array(array, channel_dim=0, squeeze_end_dims=True)
+            writer.set_metadata({"affine": original.meta.get("affine"), "original_affine": original.meta.get("affine")}, resample=False)
+            writer.write(str(path), verbose=False)
+            return str(path)
+        path = folder / f"{stem}.png"
+        low, high = window
+        if kind == "difference":
+            picture = _diverging(array[0].numpy().T, (high - low) / 2)
+        else:
+            scaled = (array[0].numpy().T - (low if kind == "counterfactual" else 0)) / (high - low)
+            picture = (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
+        Image.fromarray(picture).save(path)
+        return str(path)
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def _stem(path: str) -> str:
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".dcm"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+def _diverging(values: np.ndarray, scale: float) -> np.ndarray:
+    """Signed values -> RGB: blue for negative, white for zero, red for positive (saturating at ±scale)."""
+    t = np.clip(values / max(scale, 1e-8), -1, 1)
+    red = np.where(t < 0, 1 + t, 1.0)
+    blue = np.where(t > 0, 1 - t, 1.0)
+    green = 1 - np.abs(t)
+    return (np.stack([red, green, blue], -1) * 255).astype(np.uint8)
+
+
+def _views(volume: np.ndarray) -> list[np.ndarray]:
+    """Mid axial, coronal and sagittal slices of a RAS (X, Y, Z) volume, oriented for display; a 2D image as is."""
+    if volume.ndim == 2:
+        return [volume.T]
+    x, y, z = (s // 2 for s in volume.shape)
+    return [np.flipud(volume[:, :, z].T), np.flipud(volume[:, y, :].T), np.flipud(volume[x, :, :].T)]
+
+
+def write_montage(
+    path: Path, original: torch.Tensor, counterfactual: torch.Tensor, difference: torch.Tensor, window: Sequence[float]
+) -> str:
+    """A PNG for people: rows = views (3 mid slices in 3D), columns = input | counterfactual | difference."""
+    low, high = window
+    rows = []
+    for source_view, result_view, difference_view in zip(
+        _views(original[0].numpy()), _views(counterfactual[0].numpy()), _views(difference[0].numpy())
+    ):
+        gray = [np.clip((v - low) / (high - low), 0, 1) for v in (source_view, result_view)]
+        panels = [np.repeat((g * 255).astype(np.uint8)[..., None], 3, -1) for g in gray]
+        panels.append(_diverging(difference_view, 0.5 * (high - low)))
+        height = max(p.shape[0] for p in panels)
+        panels = [np.pad(p, ((0, height - p.shape[0]), (0, 2), (0, 0))) for p in panels]
+        rows.append(np.concatenate(panels, 1))
+    width = max(r.shape[1] for r in rows)
+    picture = np.concatenate([np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0))) for r in rows], 0)
+    scale = max(1, 256 // picture.shape[0])
+    Image.fromarray(picture).resize((picture.shape[1] * scale, picture.shape[0] * scale), Image.NEAREST).save(path)
+    return str(path)
+
+
+def counterfactual_batch(batchdata: Mapping[str, Any], device: torch.device | None = None, non_blocking: bool = False, **_):
+    """Evaluator batch: (image, no target, (), {source_condition, target_condition}) for the CounterfactualInferer."""
+    image = batchdata["image"].to(device=device, non_blocking=non_blocking)
+    conditions = {
+        "source_condition": batchdata["condition"].to(device=device, non_blocking=non_blocking).float(),
+        "target_condition": batchdata["target_condition"].to(device=device, non_blocking=non_blocking).float(),
+    }
+    return image, None, (), conditions
