@@ -1,0 +1,165 @@
+"""Specification of counterfactual inference: composition, determinism, geometry and bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from monai.networks.schedulers import DDIMScheduler
+
+from scripts.drift import LatentDrift
+from scripts.inferers import CounterfactualInferer, denoise_latents, invert_latents, set_inference_timesteps
+from scripts.networks import ConditionedUNet, LatentDriftModel
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "autoencoder_channels": [8, 16],
+    "unet_channels": [8, 16],
+    "norm_num_groups": 8,
+    "cross_attention_dim": 16,
+    "image_size": [32, 32, 32],
+    "pixdim": [6.0, 6.0, 6.0],
+}
+
+
+def tiny_model(delta: float = 0.1, seed: int = 0) -> LatentDriftModel:
+    torch.manual_seed(seed)
+    autoencoder = AutoencoderKL(
+        2, in_channels=1, out_channels=1, channels=(8, 16), latent_channels=3, num_res_blocks=1, norm_num_groups=8,
+        attention_levels=(False, False), with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False,
+    )  # fmt: skip
+    unet = DiffusionModelUNet(
+        2, in_channels=3, out_channels=3, channels=(8, 16), attention_levels=(False, True), num_res_blocks=1,
+        num_head_channels=(0, 16), norm_num_groups=8, with_conditioning=True, cross_attention_dim=16,
+    )  # fmt: skip
+    with torch.no_grad():  # MONAI zero-initialises output layers; make the untrained denoiser non-trivial
+        for parameter in unet.parameters():
+            if not parameter.any():
+                parameter.normal_(0, 0.05)
+    return LatentDriftModel(autoencoder, ConditionedUNet(unet, 6, 16), LatentDrift(delta)).eval()
+
+
+def scheduler() -> DDIMScheduler:
+    return DDIMScheduler(1000, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195, clip_sample=False)
+
+
+def condition(value: float) -> torch.Tensor:
+    return torch.tensor([[[value, 1.0, 1.0, 0.0, 0.0, 0.0]]])
+
+
+@pytest.mark.parametrize("delta", [0.0, 0.1])
+def test_invert_then_generate_with_unchanged_covariates_reproduces_the_latent(delta):
+    model, ddim = tiny_model(delta), scheduler()
+    z0 = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    timesteps = set_inference_timesteps(ddim, 20)[8:]
+    inverted = invert_latents(model, ddim, z0, condition(0.3), timesteps, fixed_point_iterations=16)
+    reconstructed = denoise_latents(model, ddim, inverted, condition(0.3), timesteps)
+    torch.testing.assert_close(reconstructed, z0, rtol=1e-4, atol=1e-4)
+
+
+def test_fixed_point_refinement_makes_the_composition_tighter():
+    model, ddim = tiny_model(0.1), scheduler()
+    z0 = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    timesteps = set_inference_timesteps(ddim, 20)[8:]
+
+    def error(iterations: int) -> float:
+        inverted = invert_latents(model, ddim, z0, condition(0.3), timesteps, fixed_point_iterations=iterations)
+        return (denoise_latents(model, ddim, inverted, condition(0.3), timesteps) - z0).abs().max().item()
+
+    assert error(4) < error(0)
+
+
+def test_same_seed_gives_the_same_counterfactual_and_samples_differ_between_draws():
+    model, image = tiny_model(), torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    inferer = CounterfactualInferer(scheduler(), num_inference_steps=10, num_samples=3, seed=5)
+    first = inferer(image, model, condition(0.2), condition(0.8))
+    second = CounterfactualInferer(scheduler(), num_inference_steps=10, num_samples=3, seed=5)(
+        image, model, condition(0.2), condition(0.8)
+    )
+    assert torch.equal(first, second)
+    assert first.shape == (1, 2, 32, 32) and first[:, 1].max() > 0, "n > 1 must give a non-zero std channel"
+
+
+def test_guidance_without_a_null_condition_is_refused():
+    with pytest.raises(ValueError, match="null condition"):
+        CounterfactualInferer(scheduler(), guidance_scale=3.0)
+
+
+@pytest.mark.parametrize("strength", [0.0, 1.5])
+def test_strength_outside_its_range_is_refused(strength):
+    with pytest.raises(ValueError, match="strength"):
+        CounterfactualInferer(scheduler(), strength=strength)
+
+
+@pytest.fixture(scope="module")
+def untrained_bundle(tmp_path_factory):
+    """A tiny 3D network built from the bundle's own config and saved as model.pt, with an odd-shaped input scan."""
+    root = tmp_path_factory.mktemp("cf")
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE_ROOT / "configs" / name) for name in ("common.json", "inference.json")])
+    parser.update(TINY)
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), root / "model.pt")
+    rng = np.random.default_rng(0)
+    volume = rng.random((40, 36, 30)).astype(np.float32) * 100
+    affine = np.array([[-5.0, 0, 0, 90], [0, 5.0, 0, -100], [0, 0, 4.0, -60], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(volume, affine), root / "scan.nii.gz")
+    return root
+
+
+def tiny_overrides(root: Path, *extra: str) -> list[str]:
+    arguments = []
+    for key, value in TINY.items():
+        arguments += [f"--{key}", json.dumps(value)]
+    return [*arguments, "--model_path", str(root / "model.pt"), "--num_inference_steps", "4", *extra]
+
+
+def test_counterfactual_has_the_input_geometry_and_all_outputs(untrained_bundle, bundle_cli):
+    out = untrained_bundle / "out"
+    bundle_cli(
+        "run", ["common.json", "inference.json"], *tiny_overrides(untrained_bundle),
+        "--image", str(untrained_bundle / "scan.nii.gz"), "--results_dir", str(out), "--num_samples", "2",
+        "--source", "{'age': 65, 'sex': 'F', 'diagnosis': 'CN'}", "--target", "{'age': 85, 'diagnosis': 'AD'}",
+    )  # fmt: skip
+    source = nib.load(untrained_bundle / "scan.nii.gz")
+    for kind in ("counterfactual", "difference", "std"):
+        result = nib.load(out / f"scan_{kind}.nii.gz")
+        assert result.shape == source.shape, kind
+        np.testing.assert_allclose(result.affine, source.affine, atol=1e-4)
+    record = json.loads((out / "scan_record.json").read_text())
+    assert record["target"] == {"age": 85, "sex": "F", "diagnosis": "AD"}
+    assert (out / "scan_montage.png").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary files may be left behind"
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--target", "{'age': 130}"], "'age' = 130 is outside its range"),
+        (["--target", "{'weight': 80}"], "unknown covariate(s) ['weight']"),
+        (["--source", "{'age': 65, 'sex': 'F'}"], "covariate 'diagnosis' is missing"),
+        (["--image", "/nonexistent/scan.nii.gz"], "no file at '/nonexistent/scan.nii.gz'"),
+    ],
+    ids=["out-of-range-target", "unknown-target", "missing-source", "missing-file"],
+)
+def test_bad_input_fails_clearly_before_compute_and_writes_nothing(untrained_bundle, bundle_cli, arguments, message):
+    out = untrained_bundle / "bad"
+    defaults = {
+        "--image": str(untrained_bundle / "scan.nii.gz"),
+        "--source": "{'age': 65, 'sex': 'F', 'diagnosis': 'CN'}",
+        "--target": "{'age': 85}",
+    }
+    defaults.update(dict(zip(arguments[::2], arguments[1::2])))
+    flat = [item for pair in defaults.items() for item in pair]
+    result = bundle_cli(
+        "run", ["common.json", "inference.json"], *tiny_overrides(untrained_bundle), *flat,
+        "--results_dir", str(out), check=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and message in result.stderr
+    assert not out.exists()
