@@ -46,20 +46,20 @@ def counterfactual_records(
     datalist_key: str = "test",
 ) -> list[dict[str, Any]]:
     """
-    The inputs of a counterfactual run, checked before any compute: either one `image` with its `source`
-    covariates and the `target` changes (covariates not named in `target` keep their source value), or every record
-    of `datalist[datalist_key]`, whose target covariates are keys prefixed "target_" (missing ones keep the source
-    value; a `target` given too applies to every record).
+    The inputs of a counterfactual run, checked before any compute: every record of `datalist[datalist_key]` when a
+    datalist is given (target covariates are keys prefixed "target_"; missing ones come from `target`, then from the
+    source), otherwise the one `image` with its `source` covariates and the `target` changes (covariates not named
+    in `target` keep their source value).
     """
     target = _as_mapping(target, "target")
-    if bool(image) == bool(datalist):
-        raise ValueError("give either 'image' (with 'source' and 'target') or 'datalist', not both or neither.")
-    if image:
+    if datalist:
+        records = load_datalist(datalist, datalist_key)
+    elif image:
         if not Path(image).is_file():
             raise FileNotFoundError(f"image: no file at {image!r}.")
         records = [{"image": str(image), **_as_mapping(source, "source")}]
     else:
-        records = load_datalist(datalist, datalist_key)
+        raise ValueError("nothing to do: set 'image' (with 'source' and 'target') or 'input_datalist'.")
     unknown = sorted(set(target) - set(encoder.schema))
     if unknown:
         raise ValueError(f"target: unknown covariate(s) {unknown}; the schema has {sorted(encoder.schema)}.")
