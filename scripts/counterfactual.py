@@ -69,7 +69,9 @@ def counterfactual_records(
         if not Path(str(record.get("image", ""))).is_file():
             raise FileNotFoundError(f"{where}: image file not found.")
         encoder.encode(record, source=f"{where}, source covariates")
-        changes = {name: record.get(TARGET_PREFIX + name, target.get(name, record.get(name))) for name in encoder.schema}
+        changes = {
+            name: record.get(TARGET_PREFIX + name, target.get(name, record.get(name))) for name in encoder.schema
+        }
         encoder.encode(changes, source=f"{where}, target covariates")
         checked.append({**record, **{TARGET_PREFIX + name: value for name, value in changes.items()}})
     if not checked:
@@ -93,7 +95,9 @@ class RecordIntensityRanged(MapTransform):
             values = torch.as_tensor(d[key]).float().flatten()
             if values.numel() == 0 or not torch.isfinite(values).all():
                 raise ValueError(f"{_filename(d[key])}: the image is empty or holds NaN/Inf voxels.")
-            low, high = torch.quantile(values[:: max(1, values.numel() // 2_000_000)], torch.tensor([self.lower, self.upper]) / 100)
+            low, high = torch.quantile(
+                values[:: max(1, values.numel() // 2_000_000)], torch.tensor([self.lower, self.upper]) / 100
+            )
             if not high > low:
                 raise ValueError(f"{_filename(d[key])}: the image is constant; there is nothing to condition on.")
             d[key].meta["intensity_range"] = [float(low), float(high)]
@@ -139,7 +143,9 @@ class WriteCounterfactuald(MapTransform):
         original = original.mean(0, keepdim=True) if original.shape[0] in (3, 4) else original
         counterfactual = d[self.counterfactual_key].float() * (high - low) + low
         if tuple(counterfactual.shape[1:]) != tuple(original.shape[1:]):
-            raise RuntimeError(f"{source_path}: output shape {tuple(counterfactual.shape)} != input {tuple(original.shape)}.")
+            raise RuntimeError(
+                f"{source_path}: output shape {tuple(counterfactual.shape)} != input {tuple(original.shape)}."
+            )
         difference = counterfactual - original
         name = _stem(source_path)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -150,7 +156,9 @@ class WriteCounterfactuald(MapTransform):
                 outputs["std"] = d[self.std_key].float() * (high - low)
             files = {kind: self._write_image(staged, f"{name}_{kind}", array, original, (low, high), kind)
                      for kind, array in outputs.items()}  # fmt: skip
-            files["montage"] = write_montage(staged / f"{name}_montage.png", original, counterfactual, difference, (low, high))
+            files["montage"] = write_montage(
+                staged / f"{name}_montage.png", original, counterfactual, difference, (low, high)
+            )
             record = {
                 "input": source_path,
                 "source": {k: _plain(d.get(k)) for k in self.encoder.schema},
@@ -171,7 +179,9 @@ class WriteCounterfactuald(MapTransform):
             path = folder / f"{stem}.nii.gz"
             writer = NibabelWriter(output_dtype=np.float32)
             writer.set_data_array(array, channel_dim=0, squeeze_end_dims=True)
-            writer.set_metadata({"affine": original.meta.get("affine"), "original_affine": original.meta.get("affine")}, resample=False)
+            writer.set_metadata(
+                {"affine": original.meta.get("affine"), "original_affine": original.meta.get("affine")}, resample=False
+            )
             writer.write(str(path), verbose=False)
             return str(path)
         path = folder / f"{stem}.png"
@@ -236,7 +246,9 @@ def write_montage(
     return str(path)
 
 
-def counterfactual_batch(batchdata: Mapping[str, Any], device: torch.device | None = None, non_blocking: bool = False, **_):
+def counterfactual_batch(
+    batchdata: Mapping[str, Any], device: torch.device | None = None, non_blocking: bool = False, **_
+):
     """Evaluator batch: (image, no target, (), {source_condition, target_condition}) for the CounterfactualInferer."""
     image = batchdata["image"].to(device=device, non_blocking=non_blocking)
     conditions = {

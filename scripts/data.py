@@ -15,9 +15,10 @@ import math
 import os
 import random
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from scripts.files import atomic_write_json
 
 __all__ = ["csv_to_datalist", "load_datalist", "longitudinal_pairs"]
 
@@ -226,18 +227,7 @@ def _validation_subjects(subjects: Sequence[Any], val_fraction: float, seed: int
 
 
 def _write_json_atomically(content: Any, output_path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(output_path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(content, f, indent=4)
-            f.write("\n")
-        os.replace(tmp_path, output_path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    atomic_write_json(content, output_path)
 
 
 def _resolve(value: Any, root: str) -> Any:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from monai.networks.schedulers import DDIMScheduler
 from monai.visualize import plot_2d_or_3d_image
 from torch import nn
 
+from scripts.files import atomic_write, atomic_write_json
 from scripts.inferers import precision_context, sample_latents
 from scripts.networks import LatentDriftModel
 from scripts.transforms import CovariateEncoder, DriftNoised
@@ -49,9 +49,9 @@ class LocalPerceptualLoss(nn.Module):
         super().__init__()
         if not network_path or not Path(network_path).is_file():
             raise ValueError(
-                f"perceptual_weight > 0 needs 'perceptual_network' to be a local TorchScript file, got {network_path!r}. "
-                "MONAI's PerceptualLoss downloads weights, which this bundle does not do; export a feature network "
-                "with torch.jit.save and set its path, or set perceptual_weight to 0."
+                "perceptual_weight > 0 needs 'perceptual_network' to be a local TorchScript file, got "
+                f"{network_path!r}. MONAI's PerceptualLoss downloads weights, which this bundle does not do; "
+                "export a feature network with torch.jit.save and set its path, or set perceptual_weight to 0."
             )
         self.network = torch.jit.load(network_path, map_location="cpu").eval()
         for parameter in self.network.parameters():
@@ -148,7 +148,9 @@ class LatentDiffusionPrepareBatch:
         self.image_key, self.condition_key = image_key, condition_key
         self.model.autoencoder.eval().requires_grad_(False)
 
-    def __call__(self, batchdata: Mapping[str, Any], device: torch.device | None = None, non_blocking: bool = False, **_):
+    def __call__(
+        self, batchdata: Mapping[str, Any], device: torch.device | None = None, non_blocking: bool = False, **_
+    ):
         images = _plain(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking).float()
         condition = _plain(batchdata[self.condition_key]).to(device=device, non_blocking=non_blocking).float()
         with torch.no_grad():
@@ -157,7 +159,9 @@ class LatentDiffusionPrepareBatch:
         return noised["noisy"], noised["target"], (noised["timesteps"], condition), {}
 
 
-def reconstruction_batch(batchdata: Mapping[str, Any], device: torch.device | None = None, non_blocking: bool = False, **_):
+def reconstruction_batch(
+    batchdata: Mapping[str, Any], device: torch.device | None = None, non_blocking: bool = False, **_
+):
     """Stage-1 validation batch: the image is both the input and the target of the autoencoder."""
     images = _plain(batchdata["image"]).to(device=device, non_blocking=non_blocking).float()
     return images, images
@@ -187,8 +191,10 @@ class LossHistory:
     def _write(self, engine: Engine) -> None:
         history = json.loads(self.path.read_text()) if self.path.is_file() else []
         history = [row for row in history if row["epoch"] < engine.state.epoch]  # a resumed run rewrites its epochs
-        history.append({"epoch": engine.state.epoch, "iteration": engine.state.iteration, "loss": self.total / max(1, self.count)})
-        atomic_write_text(json.dumps(history, indent=4), self.path)
+        history.append(
+            {"epoch": engine.state.epoch, "iteration": engine.state.iteration, "loss": self.total / max(1, self.count)}
+        )
+        atomic_write_json(history, self.path)
 
 
 class Reseed:
@@ -203,28 +209,7 @@ class Reseed:
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the same folder, then rename: a reader never sees a partial file."""
-    _atomic_write(path, lambda temporary: torch.save(obj, temporary))
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    """Write text to a temporary file in the same folder, then rename."""
-    _atomic_write(path, lambda temporary: Path(temporary).write_text(text))
-
-
-def _atomic_write(path: str | os.PathLike, write: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda temporary: torch.save(obj, temporary), ".pt")
 
 
 class TrainingCheckpoint:
@@ -310,7 +295,12 @@ class SampleImages:
         self.conditions = torch.stack([encoder.encode(r, source="sample_records") for r in records]).unsqueeze(1)
         self.null = encoder.null()
         self.latent_shape, self.every_epochs = tuple(latent_shape), every_epochs
-        self.steps, self.guidance_scale, self.seed, self.precision = num_inference_steps, guidance_scale, seed, precision
+        self.steps, self.guidance_scale, self.seed, self.precision = (
+            num_inference_steps,
+            guidance_scale,
+            seed,
+            precision,
+        )
         self.writer = None
 
     def attach(self, engine: Engine) -> None:

@@ -228,7 +228,14 @@ class CounterfactualInferer(Inferer):
         with precision_context(inputs.device, self.precision):
             z0 = network.encode(inputs).float()
         inverted = invert_latents(
-            network, self.scheduler, z0, source_condition, timesteps, self.drift, self.fixed_point_iterations, self.precision
+            network,
+            self.scheduler,
+            z0,
+            source_condition,
+            timesteps,
+            self.drift,
+            self.fixed_point_iterations,
+            self.precision,
         )
         generator = torch.Generator().manual_seed(self.seed)
         images = []

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
+import yaml
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from torch import nn
 
@@ -131,11 +134,44 @@ def latent_scale_factor(autoencoder: AutoencoderKL, batches: Iterable, image_key
     return float(1.0 / std)
 
 
-def load_weights(module: nn.Module, path: str, hint: str = "") -> nn.Module:
-    """Load a strict state dict from `path` (weights only) into `module`; a missing file says what to run first."""
-    from pathlib import Path
-
+def load_weights(module: nn.Module, path: str, hint: str = "", bundle_root: str | None = None) -> nn.Module:
+    """
+    Load a strict state dict from `path` (weights only) into `module`; a missing file says what to run first.
+    When `bundle_root` is given and `path` is one of the bundle's shipped files listed in its `large_files.yml`, the
+    file's sha256 must match before anything is loaded.
+    """
     if not Path(path).is_file():
         raise FileNotFoundError(f"no weights file at {path!r}. {hint}".strip())
+    expected = shipped_sha256(bundle_root, path) if bundle_root else None
+    if expected is not None:
+        actual = file_sha256(path)
+        if actual != expected:
+            raise ValueError(
+                f"{path}: sha256 {actual} does not match {expected} in large_files.yml; the file is damaged or was "
+                "replaced: download the bundle again, or point model_path to your own weights."
+            )
     module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
     return module
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shipped_sha256(bundle_root: str, path: str) -> str | None:
+    """The sha256 that the bundle's large_files.yml lists for `path`, or None if it lists no such file."""
+    listing = Path(bundle_root) / "large_files.yml"
+    if not listing.is_file():
+        return None
+    entries = yaml.safe_load(listing.read_text()).get("large_files", [])
+    target = Path(path).resolve()
+    for entry in entries:
+        if (Path(bundle_root) / entry["path"]).resolve() == target:
+            if entry.get("hash_type", "sha256") != "sha256":
+                raise ValueError(f"large_files.yml: {entry['path']} must use hash_type sha256.")
+            return str(entry["hash_val"]).lower()
+    return None

@@ -48,7 +48,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
@@ -56,6 +55,8 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+
+from scripts.files import atomic_write
 
 __all__ = [
     "BRAIN_LABELS",
@@ -888,28 +889,13 @@ def counterfactual(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: str, write: Any, suffix: str) -> None:
-    """Write through ``write(tmp_path)`` into a temporary file beside ``path``, then rename it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _write_json(path: str, content: Any) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(content, f, indent=4)
             f.write("\n")
 
-    _atomic_write(path, write, ".json")
+    atomic_write(path, write, ".json")
 
 
 def _write_nifti(path: str, array: np.ndarray, spacing: float) -> None:
@@ -921,14 +907,14 @@ def _write_nifti(path: str, array: np.ndarray, spacing: float) -> None:
     image.header.set_xyzt_units("mm")
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    _atomic_write(path, lambda tmp: nib.save(image, tmp), ".nii.gz")
+    atomic_write(path, lambda tmp: nib.save(image, tmp), ".nii.gz")
 
 
 def _write_png(path: str, array: np.ndarray, is_label: bool) -> None:
     from PIL import Image
 
     pixels = array.astype(np.uint8) if is_label else np.round(np.clip(array, 0.0, 1.0) * 65535.0).astype(np.uint16)
-    _atomic_write(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"), ".png")
+    atomic_write(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"), ".png")
 
 
 def _write_pair(
@@ -1077,6 +1063,41 @@ def generate_cohort(
     datalist_path = os.path.join(output_dir, "datalist.json")
     _write_json(datalist_path, datalist)
     return datalist_path
+
+
+def write_subject(
+    output_dir: str | os.PathLike,
+    modality: str,
+    covariates: Mapping[str, Any],
+    seed: int,
+    subject: str = "sample",
+    shape: Sequence[int] | None = None,
+    spacing: float | None = None,
+) -> dict[str, Any]:
+    """Render one subject with the given covariates (U drawn from ``seed``) in the cohort layout, so that
+    ``load_subject`` and ``write_counterfactual_truth`` work on ``output_dir``. Returns the datalist-style record."""
+    modality = _check_modality(modality)
+    u = sample_exogenous(modality, np.random.default_rng(seed))
+    covariates = check_brain_covariates(covariates) if modality == "brain" else check_chest_covariates(covariates)
+    if modality == "brain":
+        shape, spacing = _check_shape(shape, 3, DEFAULT_BRAIN_SHAPE), _check_spacing(spacing)
+    else:
+        shape, spacing = _check_shape(shape, 2, DEFAULT_CHEST_SHAPE), None
+    image, label = render(modality, u, covariates, shape=shape, spacing=spacing)
+    folder = os.path.abspath(os.fspath(output_dir))
+    image_rel, label_rel = _write_pair(modality, folder, f"{subject}_visit-0", image, label, spacing or 0.0)
+    _write_json(
+        os.path.join(folder, "exogenous", f"{subject}.json"),
+        {
+            "modality": modality,
+            "subject": subject,
+            "shape": list(shape),
+            "spacing": spacing,
+            "exogenous": u.to_dict(),
+            "visits": [dict(covariates)],
+        },
+    )
+    return {"image": image_rel, "label": label_rel, "subject": subject, "visit": 0, **covariates}
 
 
 def _mechanisms(modality: str) -> dict[str, Any]:

@@ -217,7 +217,6 @@ class DriftNoised(RandomizableTransform, MapTransform):
         return d
 
 
-
 class ToGrayscaled(MapTransform):
     """Dictionary transform: an RGB(A) channel-first image becomes one channel (the mean of R, G, B)."""
 
@@ -228,5 +227,7 @@ class ToGrayscaled(MapTransform):
             if image.shape[0] in (3, 4):
                 d[key] = image[:3].mean(0, keepdim=True)
             elif image.shape[0] != 1:
-                raise ValueError(f"{_source_name(d)}: expected a grayscale or RGB image, got {image.shape[0]} channels.")
+                raise ValueError(
+                    f"{_source_name(d)}: expected a grayscale or RGB image, got {image.shape[0]} channels."
+                )
         return d

@@ -22,7 +22,9 @@ def run_bundle(run_id: str, config_files: list[str], *overrides: str, timeout: i
     env = {**os.environ, "PYTHONPATH": str(BUNDLE_ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     result = subprocess.run(command, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if check and result.returncode != 0:
-        pytest.fail(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        pytest.fail(
+            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
     return result
 
 

@@ -141,12 +141,14 @@ def test_per_channel_delta_must_match_the_latent_channels():
 
 
 def test_marginal_schedule_leaves_no_drift_at_the_end_of_a_linear_chain():
-    """With a noise estimate that ignores δ, the drift carried by the chain is sqrt(1 - ᾱ_t) δ at every t, so 0 at t=0."""
+    """With a noise estimate that ignores δ, the chain carries the drift sqrt(1 - ᾱ_t) δ at every t, so 0 at t=0."""
     scheduler, drift = ddim(steps=25), LatentDrift(0.3, "marginal")
     scheduler.timesteps = torch.arange(999, 0, -40)  # a grid on the scheduler's own t - T/N convention
     constant_output = torch.zeros(1, 1, 4, 4)
     plain = start = torch.randn(1, 1, 4, 4)
-    drifted = start + 0.3 * (1 - scheduler.alphas_cumprod[scheduler.timesteps[0]]) ** 0.5  # the forward marginal's drift
+    drifted = (
+        start + 0.3 * (1 - scheduler.alphas_cumprod[scheduler.timesteps[0]]) ** 0.5
+    )  # the forward marginal's drift
     for t in scheduler.timesteps:
         plain, _ = scheduler.step(constant_output, t, plain)
         drifted = drift.step(scheduler, constant_output, t, drifted)

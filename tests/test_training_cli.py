@@ -25,7 +25,13 @@ AUTOENCODER = ["common.json", "train_autoencoder.json"]
 DIFFUSION = ["common.json", "train_diffusion.json"]
 MODALITIES = {
     "3d": {
-        "cohort": {"modality": "brain", "num_subjects": 5, "visits_per_subject": 2, "shape": (32, 32, 32), "spacing": 6.0},
+        "cohort": {
+            "modality": "brain",
+            "num_subjects": 5,
+            "visits_per_subject": 2,
+            "shape": (32, 32, 32),
+            "spacing": 6.0,
+        },
         "presets": ["brain_mri_3d.json"],
         "overrides": ["--image_size", "[32,32,32]", "--pixdim", "[6.0,6.0,6.0]", "--delta", "0.1"],
     },
