@@ -256,3 +256,70 @@ def counterfactual_batch(
         "target_condition": batchdata["target_condition"].to(device=device, non_blocking=non_blocking).float(),
     }
     return image, None, (), conditions
+
+
+def write_samples(
+    model: Any,
+    scheduler: Any,
+    encoder: CovariateEncoder,
+    covariates: Mapping[str, Any] | str,
+    latent_shape: Sequence[int],
+    output_dir: str,
+    num_samples: int = 4,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 1.0,
+    pixdim: Sequence[float] | None = None,
+    seed: int = 0,
+    precision: str = "fp32",
+) -> list[str]:
+    """
+    Plain conditional sampling: `num_samples` images for one covariate record, written as NIfTI (3D, on a grid of
+    `pixdim` mm) or PNG (2D) plus a montage of their middle slices and a JSON record, all atomically.
+    """
+    from scripts.inferers import sample_latents
+
+    record = _as_mapping(covariates, "covariates")
+    condition = encoder.encode(record, source="covariates").reshape(1, 1, -1)
+    device = next(model.parameters()).device
+    noise = torch.randn((num_samples, *latent_shape), generator=torch.Generator().manual_seed(seed)).to(device)
+    latents = sample_latents(
+        model,
+        scheduler,
+        noise,
+        condition.expand(num_samples, 1, -1).to(device),
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        null_condition=encoder.null().to(device),
+        precision=precision,
+    )
+    with torch.inference_mode():
+        images = model.decode(latents).float().clamp(0, 1).cpu()
+    folder = Path(output_dir)
+    staged = Path(tempfile.mkdtemp(prefix=".samples.", dir=_made(folder)))
+    try:
+        names = []
+        for index, image in enumerate(images):
+            if image.ndim == 4:
+                affine = np.diag([*(pixdim or (1.0, 1.0, 1.0)), 1.0])
+                writer = NibabelWriter(output_dtype=np.float32)
+                writer.set_data_array(image, channel_dim=0, squeeze_end_dims=True)
+                writer.set_metadata({"affine": affine, "original_affine": affine}, resample=False)
+                writer.write(str(staged / f"sample_{index}.nii.gz"), verbose=False)
+                names.append(f"sample_{index}.nii.gz")
+            else:
+                Image.fromarray((image[0].numpy().T * 255).astype(np.uint8)).save(staged / f"sample_{index}.png")
+                names.append(f"sample_{index}.png")
+        rows = [np.concatenate([(v * 255).astype(np.uint8) for v in _views(image[0].numpy())], 1) for image in images]
+        Image.fromarray(np.concatenate(rows, 0)).save(staged / "samples_montage.png")
+        meta = {"covariates": record, "num_samples": num_samples, "num_inference_steps": num_inference_steps,
+                "guidance_scale": guidance_scale, "seed": seed, "files": names}  # fmt: skip
+        (staged / "samples_record.json").write_text(json.dumps(meta, indent=4))
+        _atomic_copy_into(folder, staged)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return [str(folder / name) for name in names]
+
+
+def _made(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

@@ -83,3 +83,20 @@ def test_brain_conditioning_vector_is_age_sex_diagnosis_null():
     assert encoding["vector"] == ["age_norm", "sex", "CN", "MCI", "AD", "null_flag"]
     assert encoding["covariates"]["diagnosis"]["categories"] == ["CN", "MCI", "AD"]
     assert encoding["covariates"]["age"]["range"] == [40, 100]
+
+
+@pytest.mark.parametrize("preset, key", [("brain_mri_3d.json", "brain_mri_3d"), ("chest_xray_2d.json", "chest_xray_2d")])
+def test_metadata_covariate_encoding_matches_the_encoder_built_from_the_configs(preset, key):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / "common.json"), str(ROOT / "configs" / preset)])
+    encoder = parser.get_parsed_content("covariate_encoder")
+    documented = json.loads((ROOT / "configs" / "metadata.json").read_text())["covariate_encoding"][key]
+    assert documented["length"] == encoder.size
+    assert list(documented["covariates"]) == list(encoder.schema)
+    for name, spec in encoder.schema.items():
+        assert documented["covariates"][name]["type"] == spec["type"]
+        assert documented["covariates"][name].get("range") == spec.get("range")
+        assert documented["covariates"][name].get("categories") == spec.get("categories")
+    assert documented["null_condition"] == encoder.null().tolist()
