@@ -186,11 +186,14 @@ class WriteCounterfactuald(MapTransform):
             return str(path)
         path = folder / f"{stem}.png"
         low, high = window
-        if kind == "difference":
-            picture = _diverging(array[0].numpy().T, (high - low) / 2)
-        else:
-            scaled = (array[0].numpy().T - (low if kind == "counterfactual" else 0)) / (high - low)
-            picture = (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
+        values = array[0].numpy().T
+        if kind == "counterfactual":  # the input's own intensity scale: 16-bit if the input was, else 8-bit
+            top = 65535 if float(original.max()) > 255 else 255
+            picture = np.clip(np.round(values), 0, top).astype(np.uint16 if top > 255 else np.uint8)
+        elif kind == "difference":
+            picture = _diverging(values, (high - low) / 2)
+        else:  # std, scaled to the input's intensity window
+            picture = (np.clip(values / (high - low), 0, 1) * 255).astype(np.uint8)
         Image.fromarray(picture).save(path)
         return str(path)
 

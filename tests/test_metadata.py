@@ -85,7 +85,9 @@ def test_brain_conditioning_vector_is_age_sex_diagnosis_null():
     assert encoding["covariates"]["age"]["range"] == [40, 100]
 
 
-@pytest.mark.parametrize("preset, key", [("brain_mri_3d.json", "brain_mri_3d"), ("chest_xray_2d.json", "chest_xray_2d")])
+@pytest.mark.parametrize(
+    "preset, key", [("brain_mri_3d.json", "brain_mri_3d"), ("chest_xray_2d.json", "chest_xray_2d")]
+)
 def test_metadata_covariate_encoding_matches_the_encoder_built_from_the_configs(preset, key):
     from monai.bundle import ConfigParser
 
