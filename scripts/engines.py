@@ -136,9 +136,9 @@ class AutoencoderIteration:
 
 class LatentDiffusionPrepareBatch:
     """
-    Stage-2 batch: encode images to scaled latents z_0 with the frozen autoencoder, apply the drifted forward
-    process, and return (z_t, target, (timesteps, condition), {}) for a SupervisedTrainer/Evaluator whose network
-    is the model's denoiser and whose loss compares its output with the target.
+    Stage-2 batch: take scaled latents z_0 (the batch's "latent" if EncodeLatentd cached it, else encoded here with
+    the frozen autoencoder), apply the drifted forward process, and return (z_t, target, (timesteps, condition), {})
+    for a SupervisedTrainer/Evaluator whose network is the model's denoiser and whose loss compares output and target.
     """
 
     def __init__(
@@ -151,10 +151,14 @@ class LatentDiffusionPrepareBatch:
     def __call__(
         self, batchdata: Mapping[str, Any], device: torch.device | None = None, non_blocking: bool = False, **_
     ):
-        images = _plain(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking).float()
         condition = _plain(batchdata[self.condition_key]).to(device=device, non_blocking=non_blocking).float()
         with torch.no_grad():
-            z0 = self.model.encode(images)
+            if "latent" in batchdata:  # encoded once by EncodeLatentd (unscaled)
+                z0 = _plain(batchdata["latent"]).to(device=device, non_blocking=non_blocking).float()
+                z0 = z0 * self.model.scale_factor
+            else:
+                images = _plain(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking).float()
+                z0 = self.model.encode(images)
         noised = self.noising({"latent": z0})
         return noised["noisy"], noised["target"], (noised["timesteps"], condition), {}
 

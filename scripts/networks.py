@@ -150,7 +150,10 @@ def load_weights(module: nn.Module, path: str, hint: str = "", bundle_root: str 
                 f"{path}: sha256 {actual} does not match {expected} in large_files.yml; the file is damaged or was "
                 "replaced: download the bundle again, or point model_path to your own weights."
             )
-    module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    weights = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(weights.get("model"), dict):  # a training checkpoint (checkpoint_last.pt) rather than weights
+        weights = weights["model"]
+    module.load_state_dict(weights, strict=True)
     return module
 
 

@@ -231,3 +231,25 @@ class ToGrayscaled(MapTransform):
                     f"{_source_name(d)}: expected a grayscale or RGB image, got {image.shape[0]} channels."
                 )
         return d
+
+
+class EncodeLatentd(MapTransform):
+    """
+    Dictionary transform: the frozen stage-1 encoder's latent (posterior mean, *unscaled*) of `keys`, stored under
+    `output_key`. Deterministic, so a CacheDataset encodes each training image once instead of every epoch; the
+    stage-2 batch multiplies it by the model's latent scale factor.
+    """
+
+    def __init__(self, keys: KeysCollection, autoencoder: torch.nn.Module, output_key: str = "latent") -> None:
+        super().__init__(keys)
+        self.autoencoder, self.output_key = autoencoder, output_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.autoencoder.eval()
+        device = next(self.autoencoder.parameters()).device
+        for key in self.key_iterator(d):
+            image = torch.as_tensor(d[key]).float()[None].to(device)
+            with torch.no_grad():
+                d[self.output_key] = self.autoencoder.encode(image)[0][0].cpu()
+        return d
