@@ -1,0 +1,185 @@
+"""Paired counterfactuals from longitudinal data: pair datalist, per-image preprocessing, training batch and sampling.
+
+The InstructPix2Pix analogue of DESIGN.md section 5.2 (Brooks et al., CVPR 2023), with Latent Drift. The denoiser
+ε_θ(z_t, t, c) sees the source latent as extra input channels and both covariate vectors as its condition:
+
+    input       [z_t^target, z_0^source]                     (B, 2C, *spatial)
+    condition   c = [c_source, c_target]                     (B, 1, 2 * size)
+    forward     z_t^target = sqrt(ᾱ_t) z_0^target + sqrt(1 - ᾱ_t) (ε + δ)    target: ε (or v)
+    sampling    z_T = ε + δ,  z_{t-1} = step(ε̂, t, z_t) + δ_t,  z_0^source fixed at every step
+    guidance    ε̂ = ε(z_t, z^source, ∅) + w (ε(z_t, z^source, c) - ε(z_t, z^source, ∅)),  ∅ = [null, null]
+
+Classifier-free guidance training nulls both covariate vectors together (one `ConditionDropoutd` on both keys in
+the transform chain); the source latent is always given, so guidance acts on the covariates only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.networks.schedulers import DDIMScheduler
+from monai.transforms import MapTransform
+
+from scripts.data import load_datalist, longitudinal_pairs
+from scripts.drift import LatentDrift
+from scripts.inferers import guided_noise_estimate, precision_context, set_inference_timesteps
+from scripts.networks import LatentDriftModel
+from scripts.transforms import CovariateEncoder, DriftNoised
+
+__all__ = ["PairedPrepareBatch", "PerImaged", "paired_datalist", "paired_null_condition", "sample_paired"]
+
+SOURCE_PREFIX, TARGET_PREFIX = "source_", "target_"
+
+
+def paired_datalist(path: str, key: str, encoder: CovariateEncoder) -> list[dict]:
+    """
+    The (earlier -> later visit) pairs of each subject in section `key` of the datalist at `path`, with the
+    covariates of both scans checked by `encoder`, so a bad value stops the run before any compute.
+
+    Each pair holds `image_source`, `image_target` and the covariates as `source_<name>` / `target_<name>`
+    (see `scripts.data.longitudinal_pairs`).
+    """
+    records = load_datalist(path, key)
+    pairs = longitudinal_pairs(records)
+    if not pairs:
+        subjects = {record.get("subject") for record in records}
+        raise ValueError(
+            f"{path}: '{key}' holds no longitudinal pair ({len(records)} scans of {len(subjects)} subjects). Paired "
+            "training needs subjects scanned at two or more time points: give every record a 'subject' id and a "
+            "'visit' (or 'age'), or use the unpaired inversion mode (configs/train_diffusion.json) instead."
+        )
+    for index, pair in enumerate(pairs):
+        where = f"{path}, '{key}' pair {index} ({pair['image_source']} -> {pair['image_target']})"
+        for prefix, side in ((SOURCE_PREFIX, "source"), (TARGET_PREFIX, "target")):
+            record = {name: pair.get(prefix + name) for name in encoder.schema}
+            encoder.encode(record, source=f"{where}, {side} covariates")
+    return pairs
+
+
+class PerImaged(MapTransform):
+    """
+    Dictionary transform: runs a single-image transform chain, written for the key `image_key`, on each of `keys`.
+
+    It lets the paired pipeline reuse the bundle's `preprocessing` (and a modality preset's) for `image_source` and
+    `image_target` without a copy. `transform` must be deterministic: datasets cache its output.
+    """
+
+    def __init__(self, keys: KeysCollection, transform: Callable[[dict], Mapping], image_key: str = "image") -> None:
+        super().__init__(keys)
+        self.transform, self.image_key = transform, image_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.transform({self.image_key: d[key]})[self.image_key]
+        return d
+
+
+def _batch_tensor(
+    batchdata: Mapping[str, Any], key: str, device: torch.device | None, non_blocking: bool
+) -> torch.Tensor:
+    if key not in batchdata:
+        raise KeyError(f"the paired batch has no '{key}' (keys: {sorted(batchdata)}); check the paired transforms.")
+    value = batchdata[key]
+    value = value.as_tensor() if isinstance(value, MetaTensor) else value
+    return value.to(device=device, non_blocking=non_blocking).float()
+
+
+class PairedPrepareBatch:
+    """
+    Paired stage-2 batch: encode source and target images to scaled latents with the frozen autoencoder, apply the
+    drifted forward process to the target latent only, and return
+    `([z_t^target, z_0^source], target, (timesteps, [c_source, c_target]), {})` for a SupervisedTrainer/Evaluator
+    whose network is the paired denoiser (UNet in_channels = 2C, out_channels = C, condition_size = 2 * size) and
+    whose loss compares its output with the target.
+
+    Condition dropout for classifier-free guidance is not done here: put one `ConditionDropoutd` on both condition
+    keys in the training transforms, so the two vectors are nulled together.
+
+    Args:
+        model: the paired LatentDriftModel (its autoencoder is frozen here).
+        noising: the `DriftNoised` transform applied to {"latent": z_0^target}.
+        source_key, target_key: batch keys of the source (earlier) and target (later) images.
+        condition_source_key, condition_target_key: batch keys of their (B, 1, size) covariate vectors.
+    """
+
+    def __init__(
+        self,
+        model: LatentDriftModel,
+        noising: DriftNoised,
+        source_key: str = "image_source",
+        target_key: str = "image_target",
+        condition_source_key: str = "condition_source",
+        condition_target_key: str = "condition_target",
+    ) -> None:
+        self.model, self.noising = model, noising
+        self.source_key, self.target_key = source_key, target_key
+        self.condition_keys = (condition_source_key, condition_target_key)
+        self.model.autoencoder.eval().requires_grad_(False)
+
+    def __call__(
+        self, batchdata: Mapping[str, Any], device: torch.device | None = None, non_blocking: bool = False, **_: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor], dict]:
+        source = _batch_tensor(batchdata, self.source_key, device, non_blocking)
+        target = _batch_tensor(batchdata, self.target_key, device, non_blocking)
+        condition = torch.cat([_batch_tensor(batchdata, key, device, non_blocking) for key in self.condition_keys], -1)
+        with torch.no_grad():
+            z_source, z_target = self.model.encode(source), self.model.encode(target)
+        noised = self.noising({"latent": z_target})
+        inputs = torch.cat([noised["noisy"], z_source], 1)
+        return inputs, noised["target"], (noised["timesteps"], condition), {}
+
+
+def paired_null_condition(null_condition: torch.Tensor, size: int) -> torch.Tensor:
+    """The null of the paired condition: the encoder's null vector for both halves (a full-length one is kept)."""
+    null = null_condition.reshape(-1)
+    if null.numel() == size:
+        return torch.cat([null, null])
+    if null.numel() == 2 * size:
+        return null
+    raise ValueError(f"null_condition has {null.numel()} values; expected {size} (one covariate vector) or {2 * size}.")
+
+
+@torch.inference_mode()
+def sample_paired(
+    model: LatentDriftModel,
+    scheduler: DDIMScheduler,
+    source_latent: torch.Tensor,
+    condition_source: torch.Tensor,
+    condition_target: torch.Tensor,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 1.0,
+    null_condition: torch.Tensor | None = None,
+    drift: LatentDrift | None = None,
+    noise: torch.Tensor | None = None,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """
+    Drifted DDIM sampling of the target latent z_0 given the source latent (B, C, *spatial) and the source and
+    target covariate vectors (B, 1, size), from z_T = ε + δ, with classifier-free guidance of weight
+    `guidance_scale` against the null condition (`CovariateEncoder.null()`, used for both halves).
+
+    `noise` is ε (shape of `source_latent`); None draws it from the global generator. `drift` None uses the model's.
+    """
+    if guidance_scale != 1.0 and null_condition is None:
+        raise ValueError("guidance_scale != 1 needs the null condition (covariate_encoder.null()).")
+    if condition_source.shape != condition_target.shape:
+        shapes = f"source {tuple(condition_source.shape)}, target {tuple(condition_target.shape)}"
+        raise ValueError(f"condition_source and condition_target must have the same shape, got {shapes}.")
+    noise = torch.randn_like(source_latent) if noise is None else noise.to(source_latent)
+    if noise.shape != source_latent.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} != source latent shape {tuple(source_latent.shape)}.")
+    drift = drift if drift is not None else model.drift
+    condition = torch.cat([condition_source, condition_target], -1).to(source_latent)
+    null = None if null_condition is None else paired_null_condition(null_condition, condition_source.shape[-1])
+    latent = drift.prior(noise)
+    for t in set_inference_timesteps(scheduler, num_inference_steps):
+        with precision_context(latent.device, precision):
+            inputs = torch.cat([latent, source_latent], 1)
+            output = guided_noise_estimate(model.denoiser, inputs, t, condition, null, guidance_scale)
+        latent = drift.step(scheduler, output.float(), t, latent)
+    return latent

@@ -1,0 +1,285 @@
+"""Specification of the paired (longitudinal) counterfactual mode: batch, sampling, datalist, training CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+from scripts.drift import LatentDrift
+from scripts.networks import ConditionedUNet, LatentDriftModel
+from scripts.paired import PairedPrepareBatch, PerImaged, paired_datalist, sample_paired
+from scripts.transforms import CovariateEncoder, CovariateError, DriftNoised
+
+SCHEMA = {
+    "age": {"type": "continuous", "range": [40, 100]},
+    "sex": {"type": "binary", "categories": ["F", "M"]},
+    "diagnosis": {"type": "categorical", "categories": ["CN", "MCI", "AD"]},
+}
+LATENT_CHANNELS, CONTEXT_DIM, IMAGE_SIZE = 3, 16, (16, 16, 16)
+SCHEDULE = {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "beta_start": 0.0015, "beta_end": 0.0195}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """These models are tiny: one thread is faster, and immune to OpenMP spin-waits when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def encoder() -> CovariateEncoder:
+    return CovariateEncoder(SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def model(encoder) -> LatentDriftModel:
+    torch.manual_seed(0)
+    autoencoder = AutoencoderKL(
+        3,
+        in_channels=1,
+        out_channels=1,
+        channels=(8, 16),
+        latent_channels=LATENT_CHANNELS,
+        num_res_blocks=1,
+        norm_num_groups=8,
+        attention_levels=(False, False),
+        with_encoder_nonlocal_attn=False,
+        with_decoder_nonlocal_attn=False,
+    )
+    unet = DiffusionModelUNet(
+        3,
+        in_channels=2 * LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        channels=(8, 16),
+        attention_levels=(False, True),
+        num_res_blocks=1,
+        num_head_channels=(0, 16),
+        norm_num_groups=8,
+        with_conditioning=True,
+        cross_attention_dim=CONTEXT_DIM,
+    )
+    with torch.no_grad():  # MONAI zero-initialises output layers; an untrained UNet would ignore all its inputs
+        for parameter in unet.parameters():
+            if not parameter.any():
+                parameter.normal_(0.0, 0.05)
+    denoiser = ConditionedUNet(unet, condition_size=2 * encoder.size, context_dim=CONTEXT_DIM)
+    network = LatentDriftModel(autoencoder, denoiser).eval()
+    network.scale_factor.fill_(0.7)
+    return network
+
+
+def conditions(encoder: CovariateEncoder, records: list[dict]) -> torch.Tensor:
+    return torch.stack([encoder.encode(record) for record in records]).unsqueeze(1)
+
+
+@pytest.fixture(scope="module")
+def batch(encoder) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    sources = [{"age": 60, "sex": "F", "diagnosis": "CN"}, {"age": 70, "sex": "M", "diagnosis": "MCI"}]
+    targets = [{"age": 63, "sex": "F", "diagnosis": "CN"}, {"age": 74, "sex": "M", "diagnosis": "AD"}]
+    return {
+        "image_source": torch.rand((2, 1, *IMAGE_SIZE), generator=generator),
+        "image_target": torch.rand((2, 1, *IMAGE_SIZE), generator=generator),
+        "condition_source": conditions(encoder, sources),
+        "condition_target": conditions(encoder, targets),
+    }
+
+
+def prepare(model: LatentDriftModel, batch: dict, delta: float = 0.0, seed: int = 3):
+    noising = DriftNoised("latent", DDPMScheduler(**SCHEDULE), LatentDrift(delta))
+    noising.set_random_state(seed=seed)
+    return PairedPrepareBatch(model, noising)(batch)
+
+
+@pytest.fixture(scope="module")
+def source_latent(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model.encode(batch["image_source"])
+
+
+def inference_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(**SCHEDULE, clip_sample=False)
+
+
+def test_prepare_batch_stacks_the_noisy_target_and_the_source_latent(model, batch, encoder):
+    inputs, target, (timesteps, condition), kwargs = prepare(model, batch)
+    latent = (2, LATENT_CHANNELS, *(s // 2 for s in IMAGE_SIZE))
+    assert inputs.shape == (2, 2 * LATENT_CHANNELS, *latent[2:])
+    assert target.shape == latent and timesteps.shape == (2,) and kwargs == {}
+    assert condition.shape == (2, 1, 2 * encoder.size)
+
+
+def test_prepare_batch_source_channels_are_the_encoded_source_latent(model, batch, source_latent):
+    inputs, *_ = prepare(model, batch)
+    torch.testing.assert_close(inputs[:, LATENT_CHANNELS:], source_latent, rtol=0, atol=0)
+
+
+def test_prepare_batch_condition_is_source_then_target(model, batch):
+    _, _, (_, condition), _ = prepare(model, batch)
+    assert torch.equal(condition, torch.cat([batch["condition_source"], batch["condition_target"]], -1))
+
+
+def test_prepare_batch_with_zero_drift_noises_the_target_like_scheduler_add_noise(model, batch):
+    inputs, target, (timesteps, _), _ = prepare(model, batch, delta=0.0)
+    with torch.no_grad():
+        z_target = model.encode(batch["image_target"])
+    expected = DDPMScheduler(**SCHEDULE).add_noise(original_samples=z_target, noise=target, timesteps=timesteps)
+    assert torch.equal(inputs[:, :LATENT_CHANNELS], expected), "epsilon target = the noise; z_t must be plain MONAI"
+
+
+def test_prepare_batch_drift_moves_only_the_noisy_half(model, batch):
+    plain, drifted = prepare(model, batch, delta=0.0), prepare(model, batch, delta=0.1)
+    assert torch.equal(plain[2][0], drifted[2][0]) and torch.equal(plain[1], drifted[1]), "same timesteps and ε"
+    assert not torch.allclose(plain[0][:, :LATENT_CHANNELS], drifted[0][:, :LATENT_CHANNELS])
+    assert torch.equal(plain[0][:, LATENT_CHANNELS:], drifted[0][:, LATENT_CHANNELS:])
+
+
+def test_sample_paired_returns_a_target_latent_of_the_source_shape(model, batch, source_latent):
+    latent = sample_paired(
+        model, inference_scheduler(), source_latent, batch["condition_source"], batch["condition_target"], 4
+    )
+    assert latent.shape == source_latent.shape and torch.isfinite(latent).all()
+
+
+def test_sample_paired_is_deterministic_given_the_noise(model, batch, source_latent):
+    noise = torch.randn(source_latent.shape, generator=torch.Generator().manual_seed(5))
+    arguments = (model, inference_scheduler(), source_latent, batch["condition_source"], batch["condition_target"], 4)
+    assert torch.equal(sample_paired(*arguments, noise=noise), sample_paired(*arguments, noise=noise))
+
+
+def test_sample_paired_depends_on_the_source_latent(model, batch, source_latent):
+    noise = torch.randn(source_latent.shape, generator=torch.Generator().manual_seed(5))
+    scheduler, cs, ct = inference_scheduler(), batch["condition_source"], batch["condition_target"]
+    first = sample_paired(model, scheduler, source_latent, cs, ct, 4, noise=noise)
+    second = sample_paired(model, scheduler, source_latent + 1.0, cs, ct, 4, noise=noise)
+    assert not torch.allclose(first, second)
+
+
+def test_guidance_scale_one_equals_the_plain_conditional_chain(model, batch, source_latent, encoder):
+    noise = torch.randn(source_latent.shape, generator=torch.Generator().manual_seed(6))
+    scheduler, drift = inference_scheduler(), LatentDrift(0.1)
+    guided = sample_paired(
+        model, scheduler, source_latent, batch["condition_source"], batch["condition_target"], 4,
+        guidance_scale=1.0, null_condition=encoder.null(), drift=drift, noise=noise,
+    )  # fmt: skip
+    condition = torch.cat([batch["condition_source"], batch["condition_target"]], -1)
+    latent = noise + 0.1
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            output = model.denoiser(torch.cat([latent, source_latent], 1), t.reshape(1).expand(2), condition)
+            latent = drift.step(scheduler, output, t, latent)
+    torch.testing.assert_close(guided, latent, rtol=0, atol=0)
+
+
+def test_guidance_scale_zero_samples_with_the_null_condition_for_both_halves(model, batch, source_latent, encoder):
+    noise = torch.randn(source_latent.shape, generator=torch.Generator().manual_seed(7))
+    scheduler, null = inference_scheduler(), encoder.null()
+    unconditional = sample_paired(
+        model, scheduler, source_latent, batch["condition_source"], batch["condition_target"], 4,
+        guidance_scale=0.0, null_condition=null, noise=noise,
+    )  # fmt: skip
+    nulls = null.reshape(1, 1, -1).expand(2, 1, -1)
+    expected = sample_paired(model, scheduler, source_latent, nulls, nulls, 4, noise=noise)
+    torch.testing.assert_close(unconditional, expected, rtol=1e-3, atol=1e-3)  # batch-of-2 vs batch-of-1 rounding
+
+
+def test_guidance_without_a_null_condition_is_an_error(model, batch, source_latent):
+    with pytest.raises(ValueError, match="null condition"):
+        sample_paired(
+            model, inference_scheduler(), source_latent, batch["condition_source"], batch["condition_target"], 2,
+            guidance_scale=3.0,
+        )  # fmt: skip
+
+
+def test_per_image_runs_a_single_image_chain_on_each_key():
+    double = PerImaged(["image_source", "image_target"], lambda d: {"image": d["image"] * 2, "other": 0})
+    out = double({"image_source": torch.ones(1), "image_target": torch.full((1,), 3.0), "age": 60})
+    assert set(out) == {"image_source", "image_target", "age"} and out["age"] == 60
+    assert out["image_source"].item() == 2.0 and out["image_target"].item() == 6.0
+
+
+def write_datalist(folder: Path, records: list[dict]) -> Path:
+    for record in records:
+        (folder / record["image"]).touch()
+    path = folder / "datalist.json"
+    path.write_text(json.dumps({"training": records}))
+    return path
+
+
+def scan(subject: str, visit: int, age: float, sex: str = "F", diagnosis: str = "CN") -> dict:
+    image = f"{subject}_{visit}.nii.gz"
+    return {"image": image, "subject": subject, "visit": visit, "age": age, "sex": sex, "diagnosis": diagnosis}
+
+
+def test_paired_datalist_pairs_scans_only_within_a_subject_in_time_order(tmp_path, encoder):
+    records = [scan("a", 1, 61.0), scan("b", 0, 70.0), scan("a", 0, 60.0), scan("c", 0, 80.0), scan("b", 1, 72.0)]
+    pairs = paired_datalist(write_datalist(tmp_path, records), "training", encoder)
+    assert [(p["subject"], p["source_age"], p["target_age"]) for p in pairs] == [("a", 60.0, 61.0), ("b", 70.0, 72.0)]
+    for pair in pairs:
+        assert Path(pair["image_source"]).name.startswith(pair["subject"] + "_")
+        assert Path(pair["image_target"]).name.startswith(pair["subject"] + "_")
+        assert Path(pair["image_source"]).is_absolute()
+
+
+def test_paired_datalist_without_longitudinal_subjects_is_a_clear_error(tmp_path, encoder):
+    path = write_datalist(tmp_path, [scan("a", 0, 60.0), scan("b", 0, 70.0)])
+    with pytest.raises(ValueError, match=r"no longitudinal pair \(2 scans of 2 subjects\).*two or more time points"):
+        paired_datalist(path, "training", encoder)
+
+
+def test_paired_datalist_bad_covariate_names_the_pair_and_its_files(tmp_path, encoder):
+    records = [scan("a", 0, 60.0), scan("a", 1, 61.0), scan("b", 0, 70.0), scan("b", 1, 72.0, diagnosis="XX")]
+    with pytest.raises(CovariateError, match=r"pair 1 \(.*b_0\.nii\.gz -> .*b_1\.nii\.gz\), target covariates.*'XX'"):
+        paired_datalist(write_datalist(tmp_path, records), "training", encoder)
+
+
+TINY = [
+    "--autoencoder_channels", "[8,16]",
+    "--unet_channels", "[8,16]",
+    "--norm_num_groups", "8",
+    "--cross_attention_dim", "16",
+    "--image_size", "[32,32,32]",
+    "--pixdim", "[6.0,6.0,6.0]",
+    "--batch_size", "4",
+    "--learning_rate", "0.002",
+    "--val_interval", "2",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_paired_training_cli_end_to_end(tmp_path, bundle_cli):
+    from monai.bundle import ConfigParser
+
+    from scripts.phantoms import generate_cohort
+
+    cohort = {"modality": "brain", "num_subjects": 4, "visits_per_subject": 2, "shape": (32, 32, 32), "spacing": 6.0}
+    generate_cohort(tmp_path / "cohort", seed=1, **cohort)
+    common = [
+        "--dataset_dir", str(tmp_path / "cohort"), "--output_dir", str(tmp_path / "runs"),
+        "--ckpt_dir", str(tmp_path / "models"), *TINY,
+    ]  # fmt: skip
+    bundle_cli(
+        "training", ["common.json", "brain_mri_3d.json", "train_autoencoder.json"], *common,
+        "--max_epochs", "2", "--adversarial_weight", "0",
+    )  # fmt: skip
+    paired = ["common.json", "brain_mri_3d.json", "train_paired.json"]
+    bundle_cli("training", paired, *common, "--max_epochs", "3", "--delta", "0.1")
+
+    weights = tmp_path / "models" / "paired_model.pt"
+    assert weights.is_file()
+    parser = ConfigParser()
+    parser.read_config([f"configs/{name}" for name in paired])
+    for flag, value in zip(common[::2], common[1::2]):
+        parser[flag.lstrip("-")] = json.loads(value) if value[:1] in "[0123456789-" else value
+    network = parser.get_parsed_content("paired_network")
+    network.load_state_dict(torch.load(weights, weights_only=True), strict=True)
+    assert float(network.scale_factor) != 1.0, "the paired stage must measure the latent scale factor"
+    history = json.loads((tmp_path / "runs" / "paired" / "loss_history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 3]
