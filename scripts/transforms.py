@@ -218,18 +218,25 @@ class DriftNoised(RandomizableTransform, MapTransform):
 
 
 class ToGrayscaled(MapTransform):
-    """Dictionary transform: an RGB(A) channel-first image becomes one channel (the mean of R, G, B)."""
+    """
+    Dictionary transform: a radiograph as one 2D channel. RGB(A) becomes the mean of R, G, B; a single-frame 3D array
+    (how DICOM radiographs load) loses its trailing frame axis. (MONOCHROME1 DICOM, white = air, is already inverted
+    by MONAI's default ITK reader; tests/test_engines.py checks that.)
+    """
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             image = d[key]
+            if image.ndim == 4 and image.shape[-1] == 1:
+                image = image[..., 0]
             if image.shape[0] in (3, 4):
-                d[key] = image[:3].mean(0, keepdim=True)
+                image = image[:3].mean(0, keepdim=True)
             elif image.shape[0] != 1:
                 raise ValueError(
                     f"{_source_name(d)}: expected a grayscale or RGB image, got {image.shape[0]} channels."
                 )
+            d[key] = image
         return d
 
 
