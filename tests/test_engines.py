@@ -86,3 +86,16 @@ def test_monochrome1_dicom_is_inverted_so_air_is_dark(tmp_path):
         chest_preprocessing(tmp_path / "m1.dcm")["image"],
     )
     torch.testing.assert_close(inverted, 1 - normal, atol=0.02, rtol=0)
+
+
+def test_shipped_weights_that_do_not_match_their_sha256_are_refused(tmp_path):
+    from scripts.networks import file_sha256, load_weights
+
+    module = torch.nn.Linear(2, 2)
+    torch.save(module.state_dict(), tmp_path / "model.pt")
+    listing = "large_files:\n- path: model.pt\n  url: ''\n  hash_val: {}\n  hash_type: sha256\n"
+    (tmp_path / "large_files.yml").write_text(listing.format(file_sha256(tmp_path / "model.pt")))
+    load_weights(module, str(tmp_path / "model.pt"), bundle_root=str(tmp_path))  # matches: loads
+    (tmp_path / "large_files.yml").write_text(listing.format("0" * 64))
+    with pytest.raises(ValueError, match="does not match"):
+        load_weights(module, str(tmp_path / "model.pt"), bundle_root=str(tmp_path))
