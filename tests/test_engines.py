@@ -41,7 +41,7 @@ def test_atomic_save_leaves_no_partial_file_when_writing_fails(tmp_path):
 
 
 def write_dicom(path: Path, pixels: np.ndarray, photometric: str) -> None:
-    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("pydicom")
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
