@@ -95,12 +95,11 @@ def sample_latents(
 ) -> torch.Tensor:
     """Drifted DDIM sampling from z_T = ε + δ down to z_0 under `condition` (B, 1, size)."""
     drift = drift if drift is not None else model.drift
-    latent = drift.prior(noise)
-    for t in set_inference_timesteps(scheduler, num_inference_steps):
-        with precision_context(latent.device, precision):
-            output = guided_noise_estimate(model.denoiser, latent, t, condition, null_condition, guidance_scale)
-        latent = drift.step(scheduler, output.float(), t, latent)
-    return latent
+    timesteps = set_inference_timesteps(scheduler, num_inference_steps)
+    start = drift.prior(noise)
+    return denoise_latents(
+        model, scheduler, start, condition, timesteps, guidance_scale, null_condition, drift, precision
+    )
 
 
 @torch.inference_mode()

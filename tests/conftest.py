@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 if str(BUNDLE_ROOT) not in sys.path:
@@ -26,6 +27,16 @@ def run_bundle(run_id: str, config_files: list[str], *overrides: str, timeout: i
             f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
         )
     return result
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """In-process test models are tiny: one thread is faster, and immune to OpenMP spin-waits on a shared CPU.
+    (CLI runs are subprocesses and keep their own thread count.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

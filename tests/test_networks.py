@@ -22,15 +22,6 @@ CONDITION_SIZE, CONTEXT_DIM = 6, 16
 CROSS_ATTENTION_KV = re.compile(r"\.attn2\.to_[kv]\.weight$")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These models are tiny: one thread is faster, and immune to OpenMP spin-waits when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def autoencoder(spatial_dims: int = 2) -> AutoencoderKL:
     return AutoencoderKL(
         spatial_dims,

@@ -24,15 +24,6 @@ LATENT_CHANNELS, CONTEXT_DIM, IMAGE_SIZE = 3, 16, (16, 16, 16)
 SCHEDULE = {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "beta_start": 0.0015, "beta_end": 0.0195}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These models are tiny: one thread is faster, and immune to OpenMP spin-waits when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def encoder() -> CovariateEncoder:
     return CovariateEncoder(SCHEMA)
