@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from monai.inferers import Inferer
 from monai.networks.schedulers import DDIMScheduler
+from tqdm import tqdm
 from torch import nn
 
 from scripts.drift import LatentDrift
@@ -112,6 +113,7 @@ def invert_latents(
     drift: LatentDrift | None = None,
     fixed_point_iterations: int = 0,
     precision: str = "fp32",
+    progress: bool = False,
 ) -> torch.Tensor:
     """
     Drifted DDIM inversion of a clean latent z_0 up the given (descending) `timesteps`, under `condition`.
@@ -122,7 +124,7 @@ def invert_latents(
     inversion).
     """
     drift = drift if drift is not None else model.drift
-    for t in timesteps.flip(0):
+    for t in tqdm(timesteps.flip(0), desc="inversion", disable=not progress, leave=False):
         lower = latent
         for _ in range(fixed_point_iterations + 1):
             with precision_context(latent.device, precision):
@@ -142,10 +144,11 @@ def denoise_latents(
     null_condition: torch.Tensor | None = None,
     drift: LatentDrift | None = None,
     precision: str = "fp32",
+    progress: bool = False,
 ) -> torch.Tensor:
     """Drifted DDIM sampling from a noisy latent at timesteps[0] down to z_0, with classifier-free guidance."""
     drift = drift if drift is not None else model.drift
-    for t in timesteps:
+    for t in tqdm(timesteps, desc="sampling", disable=not progress, leave=False):
         with precision_context(latent.device, precision):
             output = guided_noise_estimate(model.denoiser, latent, t, condition, null_condition, guidance_scale)
         latent = drift.step(scheduler, output.float(), t, latent)
@@ -176,6 +179,7 @@ class CounterfactualInferer(Inferer):
         seed: seed of every random draw, so the same call gives the same output.
         fixed_point_iterations: refinements per inversion step (see `invert_latents`).
         precision: "fp32", "bf16" (CPU or CUDA) or "fp16" (CUDA).
+        progress: show progress bars for inversion and sampling.
     """
 
     def __init__(
@@ -192,6 +196,7 @@ class CounterfactualInferer(Inferer):
         seed: int = 0,
         fixed_point_iterations: int = 1,
         precision: str = "fp32",
+        progress: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 < strength <= 1.0:
@@ -208,7 +213,7 @@ class CounterfactualInferer(Inferer):
         self.guidance_scale, self.null_condition = guidance_scale, null_condition
         self.drift = LatentDrift(delta, drift_schedule) if delta is not None else None
         self.num_samples, self.sample_jitter, self.seed = num_samples, sample_jitter, seed
-        self.fixed_point_iterations, self.precision = fixed_point_iterations, precision
+        self.fixed_point_iterations, self.precision, self.progress = fixed_point_iterations, precision, progress
 
     def timesteps(self) -> torch.Tensor:
         grid = set_inference_timesteps(self.scheduler, self.num_inference_steps)
@@ -235,6 +240,7 @@ class CounterfactualInferer(Inferer):
             self.drift,
             self.fixed_point_iterations,
             self.precision,
+            self.progress,
         )
         generator = torch.Generator().manual_seed(self.seed)
         images = []
@@ -253,6 +259,7 @@ class CounterfactualInferer(Inferer):
                 self.null_condition,
                 self.drift,
                 self.precision,
+                self.progress,
             )
             with precision_context(inputs.device, self.precision):
                 images.append(network.decode(latent).float())
