@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from monai.inferers import Inferer
 from monai.networks.schedulers import DDIMScheduler
-from tqdm import tqdm
 from torch import nn
+from tqdm import tqdm
 
 from scripts.drift import LatentDrift
 from scripts.networks import LatentDriftModel
