@@ -116,7 +116,8 @@ def _atomic_copy_into(folder: Path, staged: Path) -> None:
 
 class WriteCounterfactuald(MapTransform):
     """
-    Writes one counterfactual's outputs, all or nothing (into a temporary folder, then moved in place):
+    Writes one counterfactual's outputs: all are written into a hidden temporary folder first, then each is renamed
+    into place, so a failure before the last write leaves nothing behind and no file is ever seen half written:
     `<name>_counterfactual` (NIfTI with the input's affine and shape in 3D, PNG in 2D), `<name>_difference`
     (counterfactual minus input, signed), `<name>_std` when several samples were drawn, `<name>_montage.png`
     (input | counterfactual | difference, mid slices in 3D) and `<name>_record.json` (inputs and parameters).
