@@ -44,13 +44,16 @@ def counterfactual_records(
     target: Mapping[str, Any] | str | None = None,
     datalist: str | None = None,
     datalist_key: str = "test",
+    results_dir: str | None = None,
 ) -> list[dict[str, Any]]:
     """
     The inputs of a counterfactual run, checked before any compute: every record of `datalist[datalist_key]` when a
     datalist is given (target covariates are keys prefixed "target_"; missing ones come from `target`, then from the
     source), otherwise the one `image` with its `source` covariates and the `target` changes (covariates not named
-    in `target` keep their source value).
+    in `target` keep their source value). `results_dir`, if given, must be creatable and writable.
     """
+    if results_dir is not None:
+        _check_writable(Path(results_dir))
     target = _as_mapping(target, "target")
     if datalist:
         records = load_datalist(datalist, datalist_key)
@@ -77,6 +80,15 @@ def counterfactual_records(
     if not checked:
         raise ValueError(f"{datalist}: '{datalist_key}' holds no record.")
     return checked
+
+
+def _check_writable(folder: Path) -> None:
+    """The folder, or the nearest existing folder above it, must accept new files; nothing is created here."""
+    existing = folder.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"results_dir: cannot write into {str(folder)!r} ({existing} is not a writable folder).")
 
 
 class RecordIntensityRanged(MapTransform):

@@ -145,8 +145,19 @@ def test_counterfactual_has_the_input_geometry_and_all_outputs(untrained_bundle,
         (["--target", "{'weight': 80}"], "unknown covariate(s) ['weight']"),
         (["--source", "{'age': 65, 'sex': 'F'}"], "covariate 'diagnosis' is missing"),
         (["--image", "/nonexistent/scan.nii.gz"], "no file at '/nonexistent/scan.nii.gz'"),
+        (["--image", "NAN_SCAN"], "holds NaN/Inf voxels"),
+        (["--image", "CONSTANT_SCAN"], "the image is constant"),
+        (["--results_dir", "UNDER_A_FILE"], "results_dir: cannot write into"),
     ],
-    ids=["out-of-range-target", "unknown-target", "missing-source", "missing-file"],
+    ids=[
+        "out-of-range-target",
+        "unknown-target",
+        "missing-source",
+        "missing-file",
+        "nan-voxels",
+        "constant",
+        "unwritable",
+    ],
 )
 def test_bad_input_fails_clearly_before_compute_and_writes_nothing(untrained_bundle, bundle_cli, arguments, message):
     out = untrained_bundle / "bad"
@@ -155,11 +166,15 @@ def test_bad_input_fails_clearly_before_compute_and_writes_nothing(untrained_bun
         "--source": "{'age': 65, 'sex': 'F', 'diagnosis': 'CN'}",
         "--target": "{'age': 85}",
     }
+    defaults["--results_dir"] = str(out)
     defaults.update(dict(zip(arguments[::2], arguments[1::2])))
+    for name, fill in (("NAN_SCAN", np.nan), ("CONSTANT_SCAN", 7.0)):
+        if defaults["--image"] == name:
+            nib.save(nib.Nifti1Image(np.full((20, 20, 20), fill, np.float32), np.eye(4)), out.parent / f"{name}.nii.gz")
+            defaults["--image"] = str(out.parent / f"{name}.nii.gz")
+    if defaults["--results_dir"] == "UNDER_A_FILE":  # a folder path below an existing file cannot be created
+        defaults["--results_dir"] = str(untrained_bundle / "scan.nii.gz" / "out")
     flat = [item for pair in defaults.items() for item in pair]
-    result = bundle_cli(
-        "run", ["common.json", "inference.json"], *tiny_overrides(untrained_bundle), *flat,
-        "--results_dir", str(out), check=False,
-    )  # fmt: skip
-    assert result.returncode != 0 and message in result.stderr
-    assert not out.exists()
+    result = bundle_cli("run", ["common.json", "inference.json"], *tiny_overrides(untrained_bundle), *flat, check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert not Path(defaults["--results_dir"]).exists()
