@@ -20,15 +20,21 @@ from torch import nn
 
 from scripts.files import atomic_write, atomic_write_json
 from scripts.inferers import precision_context, sample_latents
-from scripts.networks import LatentDriftModel
+from scripts.networks import LatentDriftModel, load_weights
 from scripts.transforms import CovariateEncoder, DriftNoised
 
 logger = logging.getLogger(__name__)
 
 
-def _plain(tensor: torch.Tensor) -> torch.Tensor:
-    """A MetaTensor's plain data (training needs no metadata tracking through the networks)."""
-    return tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
+def batch_tensor(
+    batchdata: Mapping[str, Any], key: str, device: torch.device | None = None, non_blocking: bool = False
+) -> torch.Tensor:
+    """`batchdata[key]` as a plain float tensor on `device` (training needs no MetaTensor tracking)."""
+    if key not in batchdata:
+        raise KeyError(f"the batch has no '{key}' (keys: {sorted(batchdata)}); check the transforms.")
+    value = batchdata[key]
+    value = value.as_tensor() if isinstance(value, MetaTensor) else value
+    return value.to(device=device, non_blocking=non_blocking).float()
 
 
 def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
@@ -94,7 +100,7 @@ class AutoencoderIteration:
         self.adversarial_loss = PatchAdversarialLoss(criterion="least_squares")
 
     def __call__(self, engine: Engine, batchdata: Mapping[str, Any]) -> dict[str, Any]:
-        images = _plain(batchdata["image"]).to(engine.state.device).float()
+        images = batch_tensor(batchdata, "image", engine.state.device)
         autoencoder = engine.network
         autoencoder.train()
         adversarial = self.discriminator is not None and engine.state.epoch > self.warmup
@@ -151,13 +157,13 @@ class LatentDiffusionPrepareBatch:
     def __call__(
         self, batchdata: Mapping[str, Any], device: torch.device | None = None, non_blocking: bool = False, **_
     ):
-        condition = _plain(batchdata[self.condition_key]).to(device=device, non_blocking=non_blocking).float()
+        condition = batch_tensor(batchdata, self.condition_key, device, non_blocking)
         with torch.no_grad():
             if "latent" in batchdata:  # encoded once by EncodeLatentd (unscaled)
-                z0 = _plain(batchdata["latent"]).to(device=device, non_blocking=non_blocking).float()
+                z0 = batch_tensor(batchdata, "latent", device, non_blocking)
                 z0 = z0 * self.model.scale_factor
             else:
-                images = _plain(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking).float()
+                images = batch_tensor(batchdata, self.image_key, device, non_blocking)
                 z0 = self.model.encode(images)
         noised = self.noising({"latent": z0})
         return noised["noisy"], noised["target"], (noised["timesteps"], condition), {}
@@ -167,7 +173,7 @@ def reconstruction_batch(
     batchdata: Mapping[str, Any], device: torch.device | None = None, non_blocking: bool = False, **_
 ):
     """Stage-1 validation batch: the image is both the input and the target of the autoencoder."""
-    images = _plain(batchdata["image"]).to(device=device, non_blocking=non_blocking).float()
+    images = batch_tensor(batchdata, "image", device, non_blocking)
     return images, images
 
 
@@ -259,10 +265,7 @@ class TrainingCheckpoint:
             engine.state.max_epochs = max_epochs
             logger.info(f"resumed from {self.checkpoint_path} at epoch {engine.state.epoch}")
         elif self.finetune_from:
-            weights = torch.load(self.finetune_from, map_location="cpu", weights_only=True)
-            if isinstance(weights.get(self.final_key), Mapping):  # a checkpoint_last.pt rather than a weights file
-                weights = weights[self.final_key]
-            self.save_dict[self.final_key].load_state_dict(weights, strict=True)
+            load_weights(self.save_dict[self.final_key], self.finetune_from, checkpoint_key=self.final_key)
             logger.info(f"fine-tuning from {self.finetune_from}")
 
     def save(self, engine: Engine) -> None:

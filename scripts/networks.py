@@ -134,9 +134,12 @@ def latent_scale_factor(autoencoder: AutoencoderKL, batches: Iterable, image_key
     return float(1.0 / std)
 
 
-def load_weights(module: nn.Module, path: str, hint: str = "", bundle_root: str | None = None) -> nn.Module:
+def load_weights(
+    module: nn.Module, path: str, hint: str = "", bundle_root: str | None = None, checkpoint_key: str = "model"
+) -> nn.Module:
     """
     Load a strict state dict from `path` (weights only) into `module`; a missing file says what to run first.
+    `path` may also be a training checkpoint (checkpoint_last.pt), whose `checkpoint_key` entry is then loaded.
     When `bundle_root` is given and `path` is one of the bundle's shipped files listed in its `large_files.yml`, the
     file's sha256 must match before anything is loaded.
     """
@@ -151,8 +154,8 @@ def load_weights(module: nn.Module, path: str, hint: str = "", bundle_root: str 
                 "replaced: download the bundle again, or point model_path to your own weights."
             )
     weights = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(weights.get("model"), dict):  # a training checkpoint (checkpoint_last.pt) rather than weights
-        weights = weights["model"]
+    if isinstance(weights.get(checkpoint_key), dict):  # a training checkpoint rather than a weights file
+        weights = weights[checkpoint_key]
     module.load_state_dict(weights, strict=True)
     return module
 

@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
 from monai.networks.schedulers import DDIMScheduler
 from monai.transforms import MapTransform
 
 from scripts.data import load_datalist, longitudinal_pairs
 from scripts.drift import LatentDrift
+from scripts.engines import batch_tensor
 from scripts.inferers import guided_noise_estimate, precision_context, set_inference_timesteps
 from scripts.networks import LatentDriftModel
 from scripts.transforms import CovariateEncoder, DriftNoised
@@ -79,16 +79,6 @@ class PerImaged(MapTransform):
         return d
 
 
-def _batch_tensor(
-    batchdata: Mapping[str, Any], key: str, device: torch.device | None, non_blocking: bool
-) -> torch.Tensor:
-    if key not in batchdata:
-        raise KeyError(f"the paired batch has no '{key}' (keys: {sorted(batchdata)}); check the paired transforms.")
-    value = batchdata[key]
-    value = value.as_tensor() if isinstance(value, MetaTensor) else value
-    return value.to(device=device, non_blocking=non_blocking).float()
-
-
 class PairedPrepareBatch:
     """
     Paired stage-2 batch: encode source and target images to scaled latents with the frozen autoencoder, apply the
@@ -124,9 +114,9 @@ class PairedPrepareBatch:
     def __call__(
         self, batchdata: Mapping[str, Any], device: torch.device | None = None, non_blocking: bool = False, **_: Any
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor], dict]:
-        source = _batch_tensor(batchdata, self.source_key, device, non_blocking)
-        target = _batch_tensor(batchdata, self.target_key, device, non_blocking)
-        condition = torch.cat([_batch_tensor(batchdata, key, device, non_blocking) for key in self.condition_keys], -1)
+        source = batch_tensor(batchdata, self.source_key, device, non_blocking)
+        target = batch_tensor(batchdata, self.target_key, device, non_blocking)
+        condition = torch.cat([batch_tensor(batchdata, key, device, non_blocking) for key in self.condition_keys], -1)
         with torch.no_grad():
             z_source, z_target = self.model.encode(source), self.model.encode(target)
         noised = self.noising({"latent": z_target})
