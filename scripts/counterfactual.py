@@ -45,12 +45,15 @@ def counterfactual_records(
     datalist: str | None = None,
     datalist_key: str = "test",
     results_dir: str | None = None,
+    spatial_dims: int | None = None,
 ) -> list[dict[str, Any]]:
     """
     The inputs of a counterfactual run, checked before any compute: every record of `datalist[datalist_key]` when a
     datalist is given (target covariates are keys prefixed "target_"; missing ones come from `target`, then from the
     source), otherwise the one `image` with its `source` covariates and the `target` changes (covariates not named
-    in `target` keep their source value). `results_dir`, if given, must be creatable and writable.
+    in `target` keep their source value). `results_dir`, if given, must be creatable and writable. With
+    `spatial_dims`, every image is also read once to check that it is a readable 2D image or 3D volume as the
+    model needs (`check_image`).
     """
     if results_dir is not None:
         _check_writable(Path(results_dir))
@@ -72,6 +75,8 @@ def counterfactual_records(
         if not Path(str(record.get("image", ""))).is_file():
             raise FileNotFoundError(f"{where}: image file not found.")
         encoder.encode(record, source=f"{where}, source covariates")
+        if spatial_dims is not None:
+            check_image(str(record["image"]), spatial_dims, where)
         changes = {
             name: record.get(TARGET_PREFIX + name, target.get(name, record.get(name))) for name in encoder.schema
         }
@@ -80,6 +85,53 @@ def counterfactual_records(
     if not checked:
         raise ValueError(f"{datalist}: '{datalist_key}' holds no record.")
     return checked
+
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def check_image(path: str, spatial_dims: int, where: str = "image") -> tuple[int, ...]:
+    """
+    Read the image at `path` fully (so a corrupt or truncated file fails here, not after the model has run) and
+    check that it is what a `spatial_dims` model takes: one 3D volume (a 4D NIfTI only with a single frame) or one
+    2D picture (gray, RGB/RGBA, or a single-frame DICOM). Returns its spatial shape; errors name the file.
+    """
+    try:
+        if path.lower().endswith(NIFTI_SUFFIXES):
+            import nibabel as nib
+
+            data = np.asanyarray(nib.load(path).dataobj)
+        else:
+            data = np.asarray(LoadImage(image_only=True)(path))
+        shape = tuple(data.shape)
+    except Exception as error:  # every reader has its own exception types
+        kind = "NIfTI" if path.lower().endswith(NIFTI_SUFFIXES) else "an image"
+        problem = f"corrupt, truncated or not an image file: {type(error).__name__}: {error}"
+        raise ValueError(f"{where}: cannot read {path!r} as {kind} ({problem}).") from None
+    bad = int(data.size - np.isfinite(data).sum()) if np.issubdtype(data.dtype, np.floating) else 0
+    if bad:
+        raise ValueError(f"{where}: {path} holds NaN/Inf voxels ({bad} of {data.size}); fix or mask them first.")
+    if data.size and data.min() == data.max():
+        raise ValueError(f"{where}: {path}: the image is constant ({data.flat[0]}); there is nothing to condition on.")
+    spatial = shape
+    if spatial_dims == 3:
+        while len(spatial) > 3 and spatial[-1] == 1:
+            spatial = spatial[:-1]
+        if len(spatial) == 4:
+            raise ValueError(
+                f"{where}: {path} is a 4D series of {spatial[-1]} volumes {shape}; the model takes one 3D volume: "
+                "extract the frame you want (e.g. nibabel: img.slicer[..., 0]) and pass that file."
+            )
+    else:
+        if len(spatial) == 3 and spatial[-1] in (1, 3, 4):  # gray / RGB / RGBA picture or a single DICOM frame
+            spatial = spatial[:-1]
+    if len(spatial) != spatial_dims or min(spatial) < 2:
+        what = {2: "2D images (PNG, JPEG, DICOM)", 3: "3D volumes (NIfTI)"}[spatial_dims]
+        raise ValueError(
+            f"{where}: {path} has shape {shape}; this model (spatial_dims {spatial_dims}) takes {what}. Use the preset "
+            "of the image's modality (configs/brain_mri_3d.json or configs/chest_xray_2d.json) and its weights."
+        )
+    return spatial
 
 
 def _check_writable(folder: Path) -> None:

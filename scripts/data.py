@@ -20,7 +20,7 @@ from typing import Any
 
 from scripts.files import atomic_write_json
 
-__all__ = ["csv_to_datalist", "load_datalist", "longitudinal_pairs"]
+__all__ = ["as_flag", "csv_to_datalist", "load_datalist", "longitudinal_pairs"]
 
 # Keys whose values are paths to files, resolved against a base folder.
 PATH_KEYS = ("image", "label")
@@ -30,6 +30,21 @@ IDENTIFIER_KEYS = ("image", "label", "subject")
 BASELINE_VISIT_CODES = ("bl", "sc", "scmri", "init", "baseline")
 
 _INT_PATTERN = re.compile(r"^[+-]?\d+$")
+_FLAGS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+def as_flag(value: Any, name: str) -> bool:
+    """
+    A yes/no config value as a bool. The bundle CLI passes `--resume false` through as the *string* "false" (which
+    Python counts as true), so the usual spellings are accepted; anything else is an error naming the field.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _FLAGS:
+        return _FLAGS[value.strip().lower()]
+    raise ValueError(f"{name} must be true or false, got {value!r}.")
 
 
 def csv_to_datalist(

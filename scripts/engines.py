@@ -18,6 +18,7 @@ from monai.networks.schedulers import DDIMScheduler
 from monai.visualize import plot_2d_or_3d_image
 from torch import nn
 
+from scripts.data import as_flag
 from scripts.files import atomic_write, atomic_write_json
 from scripts.inferers import precision_context, sample_latents
 from scripts.networks import LatentDriftModel, load_weights
@@ -244,7 +245,8 @@ class TrainingCheckpoint:
             raise FileNotFoundError(f"finetune_from: no checkpoint file at {finetune_from!r}.")
         self.checkpoint_path = Path(checkpoint_dir) / "checkpoint_last.pt"
         self.save_dict, self.final_path, self.final_key = dict(save_dict), final_path, final_key
-        self.save_every_epochs, self.resume, self.finetune_from = save_every_epochs, resume, finetune_from
+        self.save_every_epochs, self.finetune_from = save_every_epochs, finetune_from
+        self.resume = as_flag(resume, "resume")
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.load)

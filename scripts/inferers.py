@@ -12,6 +12,7 @@ from monai.networks.schedulers import DDIMScheduler
 from torch import nn
 from tqdm import tqdm
 
+from scripts.data import as_flag
 from scripts.drift import LatentDrift
 from scripts.networks import LatentDriftModel
 
@@ -145,14 +146,31 @@ def denoise_latents(
     drift: LatentDrift | None = None,
     precision: str = "fp32",
     progress: bool = False,
+    source_latent: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Drifted DDIM sampling from a noisy latent at timesteps[0] down to z_0, with classifier-free guidance."""
+    """
+    Drifted DDIM sampling from a noisy latent at timesteps[0] down to z_0, with classifier-free guidance.
+
+    `source_latent` (paired mode, scripts/paired.py) is concatenated to the latent as extra input channels at every
+    step; the denoiser then predicts the noise of the first C channels only.
+    """
     drift = drift if drift is not None else model.drift
     for t in tqdm(timesteps, desc="sampling", disable=not progress, leave=False):
+        inputs = latent if source_latent is None else torch.cat([latent, source_latent], 1)
         with precision_context(latent.device, precision):
-            output = guided_noise_estimate(model.denoiser, latent, t, condition, null_condition, guidance_scale)
+            output = guided_noise_estimate(model.denoiser, inputs, t, condition, null_condition, guidance_scale)
         latent = drift.step(scheduler, output.float(), t, latent)
     return latent
+
+
+def paired_null_condition(null_condition: torch.Tensor, size: int) -> torch.Tensor:
+    """The null of the paired condition [c_source, c_target]: the encoder's null for both halves (full length kept)."""
+    null = null_condition.reshape(-1)
+    if null.numel() == size:
+        return torch.cat([null, null])
+    if null.numel() == 2 * size:
+        return null
+    raise ValueError(f"null_condition has {null.numel()} values; expected {size} (one covariate vector) or {2 * size}.")
 
 
 class CounterfactualInferer(Inferer):
@@ -180,6 +198,10 @@ class CounterfactualInferer(Inferer):
         fixed_point_iterations: refinements per inversion step (see `invert_latents`).
         precision: "fp32", "bf16" (CPU or CUDA) or "fp16" (CUDA).
         progress: show progress bars for inversion and sampling.
+        paired: the network is a paired (longitudinal) model from configs/train_paired.json, whose denoiser takes
+            the source latent as extra channels and [c_source, c_target] as condition. There is no inversion: each
+            draw samples the target latent from the drifted prior ε + δ over the whole chain (`strength` unused),
+            with guidance against the null of both vectors. n = 1 uses one seeded noise draw.
     """
 
     def __init__(
@@ -197,6 +219,7 @@ class CounterfactualInferer(Inferer):
         fixed_point_iterations: int = 1,
         precision: str = "fp32",
         progress: bool = False,
+        paired: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 < strength <= 1.0:
@@ -213,7 +236,8 @@ class CounterfactualInferer(Inferer):
         self.guidance_scale, self.null_condition = guidance_scale, null_condition
         self.drift = LatentDrift(delta, drift_schedule) if delta is not None else None
         self.num_samples, self.sample_jitter, self.seed = num_samples, sample_jitter, seed
-        self.fixed_point_iterations, self.precision, self.progress = fixed_point_iterations, precision, progress
+        self.fixed_point_iterations, self.precision = fixed_point_iterations, precision
+        self.progress, self.paired = as_flag(progress, "progress"), as_flag(paired, "paired")
 
     def timesteps(self) -> torch.Tensor:
         grid = set_inference_timesteps(self.scheduler, self.num_inference_steps)
@@ -228,38 +252,50 @@ class CounterfactualInferer(Inferer):
         target_condition: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         """{"counterfactual": mean image, "std": per-voxel std over samples (zeros for n = 1), "latent": z_0}."""
-        timesteps = self.timesteps()
         with precision_context(inputs.device, self.precision):
             z0 = network.encode(inputs).float()
-        inverted = invert_latents(
-            network,
-            self.scheduler,
-            z0,
-            source_condition,
-            timesteps,
-            self.drift,
-            self.fixed_point_iterations,
-            self.precision,
-            self.progress,
-        )
         generator = torch.Generator().manual_seed(self.seed)
-        images = []
-        for _ in range(self.num_samples):
-            start = inverted
+        if self.paired:
+            drift = self.drift if self.drift is not None else network.drift
+            timesteps = set_inference_timesteps(self.scheduler, self.num_inference_steps)
+            condition = torch.cat([source_condition, target_condition], -1)
+            null = None
+            if self.null_condition is not None:
+                null = paired_null_condition(self.null_condition, source_condition.shape[-1])
+            starts = [drift.prior(torch.randn(z0.shape, generator=generator).to(z0)) for _ in range(self.num_samples)]
+            source_latent = z0
+        else:
+            timesteps, condition, null, source_latent = self.timesteps(), target_condition, self.null_condition, None
+            inverted = invert_latents(
+                network,
+                self.scheduler,
+                z0,
+                source_condition,
+                timesteps,
+                self.drift,
+                self.fixed_point_iterations,
+                self.precision,
+                self.progress,
+            )
+            starts = [inverted]
             if self.num_samples > 1:
-                noise = torch.randn(inverted.shape, generator=generator).to(inverted)
-                start = (1 - self.sample_jitter**2) ** 0.5 * inverted + self.sample_jitter * noise
+                jitter = self.sample_jitter
+                noises = [torch.randn(z0.shape, generator=generator).to(z0) for _ in range(self.num_samples)]
+                starts = [(1 - jitter**2) ** 0.5 * inverted + jitter * noise for noise in noises]
+        images = []
+        for start in starts:
             latent = denoise_latents(
                 network,
                 self.scheduler,
                 start,
-                target_condition,
+                condition,
                 timesteps,
                 self.guidance_scale,
-                self.null_condition,
+                null,
                 self.drift,
                 self.precision,
                 self.progress,
+                source_latent,
             )
             with precision_context(inputs.device, self.precision):
                 images.append(network.decode(latent).float())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -156,8 +156,37 @@ def load_weights(
     weights = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(weights.get(checkpoint_key), dict):  # a training checkpoint rather than a weights file
         weights = weights[checkpoint_key]
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    reshaped = [k for k in sorted(set(own) & set(weights)) if tuple(own[k].shape) != tuple(weights[k].shape)]
+    if missing or unexpected or reshaped:
+        examples = [f"missing {k}" for k in missing[:2]] + [f"unexpected {k}" for k in unexpected[:2]]
+        examples += [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in reshaped[:2]]
+        raise ValueError(
+            f"{path} does not fit the network built from the config ({len(missing)} missing, {len(unexpected)} "
+            f"unexpected, {len(reshaped)} differently shaped tensors, e.g. {'; '.join(examples)}). The weights were "
+            "trained with other settings: use the preset they were trained with (spatial_dims, autoencoder_channels, "
+            "latent_channels, unet_channels, covariate_schema...), or retrain. " + hint
+        )
     module.load_state_dict(weights, strict=True)
     return module
+
+
+def check_image_size(image_size: Sequence[int], autoencoder_channels: Sequence[int], unet_channels: Sequence[int]):
+    """
+    The network image size must divide into the autoencoder's downsamplings and then the UNet's: each side a
+    multiple of 2 ** (levels - 1) of both. Raises a ValueError naming `image_size` (checked before any compute).
+    """
+    factor = 2 ** (len(autoencoder_channels) - 1) * 2 ** (len(unet_channels) - 1)
+    bad = [int(size) for size in image_size if int(size) < factor or int(size) % factor]
+    if bad:
+        raise ValueError(
+            f"image_size {list(image_size)}: every side must be a positive multiple of {factor} (the autoencoder "
+            f"halves it {len(autoencoder_channels) - 1} times and the UNet {len(unet_channels) - 1} more); "
+            f"{bad} are not. Inputs of any size are brought to image_size by the preprocessing; choose e.g. "
+            f"{[max(factor, round(int(s) / factor) * factor) for s in image_size]}."
+        )
+    return list(image_size)
 
 
 def file_sha256(path: str | Path) -> str:

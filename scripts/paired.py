@@ -26,7 +26,7 @@ from monai.transforms import MapTransform
 from scripts.data import load_datalist, longitudinal_pairs
 from scripts.drift import LatentDrift
 from scripts.engines import batch_tensor
-from scripts.inferers import guided_noise_estimate, precision_context, set_inference_timesteps
+from scripts.inferers import denoise_latents, paired_null_condition, set_inference_timesteps
 from scripts.networks import LatentDriftModel
 from scripts.transforms import CovariateEncoder, DriftNoised
 
@@ -124,16 +124,6 @@ class PairedPrepareBatch:
         return inputs, noised["target"], (noised["timesteps"], condition), {}
 
 
-def paired_null_condition(null_condition: torch.Tensor, size: int) -> torch.Tensor:
-    """The null of the paired condition: the encoder's null vector for both halves (a full-length one is kept)."""
-    null = null_condition.reshape(-1)
-    if null.numel() == size:
-        return torch.cat([null, null])
-    if null.numel() == 2 * size:
-        return null
-    raise ValueError(f"null_condition has {null.numel()} values; expected {size} (one covariate vector) or {2 * size}.")
-
-
 @torch.inference_mode()
 def sample_paired(
     model: LatentDriftModel,
@@ -163,13 +153,20 @@ def sample_paired(
     noise = torch.randn_like(source_latent) if noise is None else noise.to(source_latent)
     if noise.shape != source_latent.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} != source latent shape {tuple(source_latent.shape)}.")
-    drift = drift if drift is not None else model.drift
     condition = torch.cat([condition_source, condition_target], -1).to(source_latent)
     null = None if null_condition is None else paired_null_condition(null_condition, condition_source.shape[-1])
-    latent = drift.prior(noise)
-    for t in set_inference_timesteps(scheduler, num_inference_steps):
-        with precision_context(latent.device, precision):
-            inputs = torch.cat([latent, source_latent], 1)
-            output = guided_noise_estimate(model.denoiser, inputs, t, condition, null, guidance_scale)
-        latent = drift.step(scheduler, output.float(), t, latent)
-    return latent
+    drift = drift if drift is not None else model.drift
+    timesteps = set_inference_timesteps(scheduler, num_inference_steps)
+    return denoise_latents(
+        model,
+        scheduler,
+        drift.prior(noise),
+        condition,
+        timesteps,
+        guidance_scale,
+        null,
+        drift,
+        precision,
+        False,
+        source_latent,
+    )

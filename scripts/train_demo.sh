@@ -9,14 +9,15 @@ run() { python -m monai.bundle run "$@" --logging_file configs/logging.conf; }
 if [[ "$which" == chest || "$which" == all ]]; then
     run generate --config_file configs/generate_cohort.json --modality chest --num_subjects 300 --seed 0
     run training --config_file "['configs/common.json','configs/chest_xray_2d.json','configs/train_autoencoder.json']" \
-        --batch_size 8 --max_epochs 25 --val_interval 5 --adversarial_weight 0 --resume false
+        --batch_size 8 --max_epochs 25 --val_interval 5 --adversarial_weight 0 --resume False
     run training --config_file "['configs/common.json','configs/chest_xray_2d.json','configs/train_diffusion.json']" \
-        --batch_size 16 --learning_rate 0.0002 --max_epochs 60 --val_interval 10 --sample_every_epochs 20 --resume false
+        --batch_size 16 --learning_rate 0.0002 --max_epochs 60 --val_interval 10 --sample_every_epochs 20 --resume False
 fi
 if [[ "$which" == brain || "$which" == all ]]; then
     run generate --config_file configs/generate_cohort.json --modality brain --num_subjects 60 --seed 0
     run training --config_file "['configs/common.json','configs/brain_mri_3d.json','configs/train_autoencoder.json']" \
-        --batch_size 2 --max_epochs 10 --val_interval 5 --adversarial_weight 0 --resume false
+        --patch_size "[32,32,32]" --batch_size 4 --learning_rate 0.001 --max_epochs 80 --val_interval 10 \
+        --adversarial_weight 0 --resume False
     run training --config_file "['configs/common.json','configs/brain_mri_3d.json','configs/train_diffusion.json']" \
-        --batch_size 8 --learning_rate 0.0002 --max_epochs 50 --val_interval 10 --sample_every_epochs 25 --resume false
+        --batch_size 8 --learning_rate 0.0002 --max_epochs 50 --val_interval 10 --sample_every_epochs 25 --resume False
 fi

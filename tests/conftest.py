@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,12 +16,18 @@ if str(BUNDLE_ROOT) not in sys.path:
     sys.path.insert(0, str(BUNDLE_ROOT))
 
 
-def run_bundle(run_id: str, config_files: list[str], *overrides: str, timeout: int = 600, check: bool = True):
-    """Run `python -m monai.bundle run <run_id> --config_file [...] <overrides>` from the bundle root."""
+def bundle_command(run_id: str, config_files: list[str], *overrides: str) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of `python -m monai.bundle run <run_id> --config_file [...] <overrides>`."""
     configs = "[" + ",".join(f"'configs/{name}'" for name in config_files) + "]"
     command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", configs, *overrides]
     command += ["--logging_file", "configs/logging.conf"]
     env = {**os.environ, "PYTHONPATH": str(BUNDLE_ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    return command, env
+
+
+def run_bundle(run_id: str, config_files: list[str], *overrides: str, timeout: int = 600, check: bool = True):
+    """Run `python -m monai.bundle run <run_id> --config_file [...] <overrides>` from the bundle root."""
+    command, env = bundle_command(run_id, config_files, *overrides)
     result = subprocess.run(command, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if check and result.returncode != 0:
         pytest.fail(
@@ -42,3 +49,43 @@ def single_thread():
 @pytest.fixture(scope="session")
 def bundle_cli():
     return run_bundle
+
+
+# A tiny 3D configuration of the bundle's own network (overrides of configs/common.json) for CLI tests.
+TINY = {
+    "autoencoder_channels": [8, 16],
+    "latent_channels": 3,
+    "unet_channels": [8, 16],
+    "norm_num_groups": 8,
+    "cross_attention_dim": 16,
+    "image_size": [32, 32, 32],
+    "pixdim": [6.0, 6.0, 6.0],
+}
+
+
+def tiny_overrides(root: Path, *extra: str) -> list[str]:
+    """CLI overrides for TINY with the untrained weights of `untrained_bundle` and 4 DDIM steps."""
+    arguments = []
+    for key, value in TINY.items():
+        arguments += [f"--{key}", json.dumps(value)]
+    return [*arguments, "--model_path", str(root / "model.pt"), "--num_inference_steps", "4", *extra]
+
+
+@pytest.fixture(scope="session")
+def untrained_bundle(tmp_path_factory):
+    """A tiny 3D network built from the bundle's own config and saved as model.pt, with an odd-shaped input scan."""
+    import nibabel as nib
+    import numpy as np
+    from monai.bundle import ConfigParser
+
+    root = tmp_path_factory.mktemp("cf")
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE_ROOT / "configs" / name) for name in ("common.json", "inference.json")])
+    parser.update(TINY)
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), root / "model.pt")
+    rng = np.random.default_rng(0)
+    volume = rng.random((40, 36, 30)).astype(np.float32) * 100
+    affine = np.array([[-5.0, 0, 0, 90], [0, 5.0, 0, -100], [0, 0, 4.0, -60], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(volume, affine), root / "scan.nii.gz")
+    return root

@@ -1,31 +1,20 @@
-"""Specification of counterfactual inference: composition, determinism, geometry and bad inputs."""
+"""Specification of counterfactual inference: composition, determinism and geometry (bad inputs: test_bad_inputs)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
+from conftest import tiny_overrides
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler
 
 from scripts.drift import LatentDrift
 from scripts.inferers import CounterfactualInferer, denoise_latents, invert_latents, set_inference_timesteps
 from scripts.networks import ConditionedUNet, LatentDriftModel
-
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "autoencoder_channels": [8, 16],
-    "unet_channels": [8, 16],
-    "norm_num_groups": 8,
-    "cross_attention_dim": 16,
-    "image_size": [32, 32, 32],
-    "pixdim": [6.0, 6.0, 6.0],
-}
 
 
 def tiny_model(delta: float = 0.1, seed: int = 0) -> LatentDriftModel:
@@ -97,29 +86,6 @@ def test_strength_outside_its_range_is_refused(strength):
         CounterfactualInferer(scheduler(), strength=strength)
 
 
-@pytest.fixture(scope="module")
-def untrained_bundle(tmp_path_factory):
-    """A tiny 3D network built from the bundle's own config and saved as model.pt, with an odd-shaped input scan."""
-    root = tmp_path_factory.mktemp("cf")
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE_ROOT / "configs" / name) for name in ("common.json", "inference.json")])
-    parser.update(TINY)
-    torch.manual_seed(0)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), root / "model.pt")
-    rng = np.random.default_rng(0)
-    volume = rng.random((40, 36, 30)).astype(np.float32) * 100
-    affine = np.array([[-5.0, 0, 0, 90], [0, 5.0, 0, -100], [0, 0, 4.0, -60], [0, 0, 0, 1]])
-    nib.save(nib.Nifti1Image(volume, affine), root / "scan.nii.gz")
-    return root
-
-
-def tiny_overrides(root: Path, *extra: str) -> list[str]:
-    arguments = []
-    for key, value in TINY.items():
-        arguments += [f"--{key}", json.dumps(value)]
-    return [*arguments, "--model_path", str(root / "model.pt"), "--num_inference_steps", "4", *extra]
-
-
 def test_counterfactual_has_the_input_geometry_and_all_outputs(untrained_bundle, bundle_cli):
     out = untrained_bundle / "out"
     bundle_cli(
@@ -136,45 +102,3 @@ def test_counterfactual_has_the_input_geometry_and_all_outputs(untrained_bundle,
     assert record["target"] == {"age": 85, "sex": "F", "diagnosis": "AD"}
     assert (out / "scan_montage.png").is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary files may be left behind"
-
-
-@pytest.mark.parametrize(
-    "arguments, message",
-    [
-        (["--target", "{'age': 130}"], "'age' = 130 is outside its range"),
-        (["--target", "{'weight': 80}"], "unknown covariate(s) ['weight']"),
-        (["--source", "{'age': 65, 'sex': 'F'}"], "covariate 'diagnosis' is missing"),
-        (["--image", "/nonexistent/scan.nii.gz"], "no file at '/nonexistent/scan.nii.gz'"),
-        (["--image", "NAN_SCAN"], "holds NaN/Inf voxels"),
-        (["--image", "CONSTANT_SCAN"], "the image is constant"),
-        (["--results_dir", "UNDER_A_FILE"], "results_dir: cannot write into"),
-    ],
-    ids=[
-        "out-of-range-target",
-        "unknown-target",
-        "missing-source",
-        "missing-file",
-        "nan-voxels",
-        "constant",
-        "unwritable",
-    ],
-)
-def test_bad_input_fails_clearly_before_compute_and_writes_nothing(untrained_bundle, bundle_cli, arguments, message):
-    out = untrained_bundle / "bad"
-    defaults = {
-        "--image": str(untrained_bundle / "scan.nii.gz"),
-        "--source": "{'age': 65, 'sex': 'F', 'diagnosis': 'CN'}",
-        "--target": "{'age': 85}",
-    }
-    defaults["--results_dir"] = str(out)
-    defaults.update(dict(zip(arguments[::2], arguments[1::2])))
-    for name, fill in (("NAN_SCAN", np.nan), ("CONSTANT_SCAN", 7.0)):
-        if defaults["--image"] == name:
-            nib.save(nib.Nifti1Image(np.full((20, 20, 20), fill, np.float32), np.eye(4)), out.parent / f"{name}.nii.gz")
-            defaults["--image"] = str(out.parent / f"{name}.nii.gz")
-    if defaults["--results_dir"] == "UNDER_A_FILE":  # a folder path below an existing file cannot be created
-        defaults["--results_dir"] = str(untrained_bundle / "scan.nii.gz" / "out")
-    flat = [item for pair in defaults.items() for item in pair]
-    result = bundle_cli("run", ["common.json", "inference.json"], *tiny_overrides(untrained_bundle), *flat, check=False)
-    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
-    assert not Path(defaults["--results_dir"]).exists()

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scripts.data import csv_to_datalist, load_datalist, longitudinal_pairs  # noqa: E402
+from scripts.data import as_flag, csv_to_datalist, load_datalist, longitudinal_pairs  # noqa: E402
 
 COLUMNS = {"image": "path", "subject": "PTID", "visit": "VISCODE", "age": "AGE", "sex": "PTGENDER", "diagnosis": "DX"}
 HEADER = ["PTID", "VISCODE", "path", "AGE", "PTGENDER", "DX"]
@@ -282,3 +282,20 @@ def test_make_datalist_run_writes_a_datalist_from_the_command_line(tmp_path):
     records = load_datalist(output, "training") + load_datalist(output, "validation")
     assert sorted(r["subject"] for r in records) == ["s1", "s2", "s3"]
     assert all(os.path.isfile(r["image"]) for r in records)
+
+
+@pytest.mark.parametrize("value", [True, 1, "true", "True", "yes", "1", " on "])
+def test_as_flag_reads_the_yes_spellings_as_true(value):
+    assert as_flag(value, "resume") is True
+
+
+@pytest.mark.parametrize("value", [False, 0, "false", "False", "no", "0", "off"])
+def test_as_flag_reads_the_no_spellings_as_false(value):
+    # the bundle CLI passes `--resume false` through as the string "false", which Python would count as true
+    assert as_flag(value, "resume") is False
+
+
+@pytest.mark.parametrize("value", ["maybe", 2, None, [True]])
+def test_as_flag_rejects_anything_else_naming_the_field(value):
+    with pytest.raises(ValueError, match="resume must be true or false"):
+        as_flag(value, "resume")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
@@ -274,3 +276,26 @@ def test_paired_training_cli_end_to_end(tmp_path, bundle_cli):
     assert float(network.scale_factor) != 1.0, "the paired stage must measure the latent scale factor"
     history = json.loads((tmp_path / "runs" / "paired" / "loss_history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2, 3]
+
+    # the same inference config runs the paired model (--paired true): no inversion, source latent as input
+    image = sorted((tmp_path / "cohort" / "images").glob("*.nii.gz"))[0]
+    results = tmp_path / "paired_out"
+    inference = ["common.json", "brain_mri_3d.json", "inference.json"]
+    arguments = [
+        *common, "--paired", "true", "--image", str(image), "--results_dir", str(results),
+        "--source", "{'age': 60, 'sex': 'F', 'diagnosis': 'CN'}", "--target", "{'age': 80, 'diagnosis': 'AD'}",
+        "--num_inference_steps", "5", "--num_samples", "2", "--progress", "false",
+    ]  # fmt: skip
+    bundle_cli("run", inference, *arguments)
+    name = image.name[: -len(".nii.gz")]
+    written = {path.name for path in results.iterdir()}
+    assert {f"{name}_{kind}" for kind in ("counterfactual.nii.gz", "std.nii.gz", "montage.png")} <= written
+    record = json.loads((results / f"{name}_record.json").read_text())
+    assert record["parameters"]["paired"] is True
+    assert record["parameters"]["model_path"].endswith("paired_model.pt")
+    source = nib.load(image)
+    counterfactual = nib.load(results / f"{name}_counterfactual.nii.gz")
+    assert counterfactual.shape == source.shape
+    np.testing.assert_allclose(counterfactual.affine, source.affine, atol=1e-4)
+    std = np.asarray(nib.load(results / f"{name}_std.nii.gz").dataobj)
+    assert std.max() > 0, "two paired draws from different noise must differ"

@@ -1,0 +1,173 @@
+"""Bad input through the real CLI: each case exits non-zero, ends with one line naming the problem, writes nothing.
+
+Every case runs `python -m monai.bundle run --config_file [common.json, inference.json]` on a tiny untrained
+network (see conftest.untrained_bundle) with one input, covariate, datalist or config value broken.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import tiny_overrides
+from PIL import Image
+
+SOURCE = "{'age': 65, 'sex': 'F', 'diagnosis': 'CN'}"
+
+
+def _volume(folder: Path, name: str, array: np.ndarray) -> str:
+    path = folder / name
+    nib.save(nib.Nifti1Image(array.astype(np.float32), np.eye(4)), path)
+    return str(path)
+
+
+def _datalist(folder: Path, name: str, content: str) -> str:
+    path = folder / name
+    path.write_text(content)
+    return str(path)
+
+
+def _truncated(folder: Path, scan: Path) -> str:
+    path = folder / "truncated.nii.gz"
+    path.write_bytes(scan.read_bytes()[: scan.stat().st_size // 2])
+    return str(path)
+
+
+def _wrong_network(folder: Path) -> str:
+    import torch
+    from conftest import BUNDLE_ROOT, TINY
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE_ROOT / "configs" / name) for name in ("common.json", "inference.json")])
+    parser.update({**TINY, "unet_channels": [16, 16]})
+    path = folder / "other_model.pt"
+    torch.save(parser.get_parsed_content("network_def").state_dict(), path)
+    return str(path)
+
+
+# (id, overrides as a function of (case folder, untrained bundle root), expected message). Overrides replace the
+# defaults --image <odd-shaped scan> --source SOURCE --target "{'age': 85}".
+CASES = [
+    ("missing-file", lambda d, r: ["--image", "/nonexistent/scan.nii.gz"], "no file at '/nonexistent/scan.nii.gz'"),
+    ("folder-as-image", lambda d, r: ["--image", str(d)], "image: no file at"),
+    ("empty-file", lambda d, r: ["--image", _datalist(d, "empty.nii.gz", "")], "cannot read"),
+    (
+        "corrupt-nifti",
+        lambda d, r: ["--image", str(_write_bytes(d / "corrupt.nii.gz", gzip.compress(b"not a nifti header" * 20)))],
+        "as NIfTI (corrupt, truncated or not an image file",
+    ),
+    ("truncated-nifti", lambda d, r: ["--image", _truncated(d, r / "scan.nii.gz")], "as NIfTI (corrupt, truncated"),
+    (
+        "2d-image-to-3d-model",
+        lambda d, r: ["--image", str(_png(d / "film.png"))],
+        "this model (spatial_dims 3) takes 3D volumes (NIfTI)",
+    ),
+    (
+        "4d-series",
+        lambda d, r: ["--image", _volume(d, "series.nii.gz", np.random.rand(12, 12, 12, 3) + 1)],
+        "is a 4D series of 3 volumes",
+    ),
+    (
+        "nan-voxels",
+        lambda d, r: ["--image", _volume(d, "nan.nii.gz", _with(np.random.rand(20, 20, 20), np.nan))],
+        "holds NaN/Inf voxels",
+    ),
+    (
+        "inf-voxels",
+        lambda d, r: ["--image", _volume(d, "inf.nii.gz", _with(np.random.rand(20, 20, 20), np.inf))],
+        "holds NaN/Inf voxels",
+    ),
+    (
+        "constant-image",
+        lambda d, r: ["--image", _volume(d, "constant.nii.gz", np.full((20, 20, 20), 7.0))],
+        "the image is constant",
+    ),
+    ("out-of-range-target", lambda d, r: ["--target", "{'age': 130}"], "'age' = 130 is outside its range"),
+    ("unknown-target", lambda d, r: ["--target", "{'weight': 80}"], "unknown covariate(s) ['weight']"),
+    ("unknown-category", lambda d, r: ["--target", "{'diagnosis': 'PD'}"], "'diagnosis' = 'PD' is unknown"),
+    (
+        "wrong-type",
+        lambda d, r: ["--source", "{'age': 'old', 'sex': 'F', 'diagnosis': 'CN'}"],
+        "'age' must be a number, got 'old'",
+    ),
+    ("missing-source", lambda d, r: ["--source", "{'age': 65, 'sex': 'F'}"], "covariate 'diagnosis' is missing"),
+    ("source-not-a-dict", lambda d, r: ["--source", "age=65"], "source must be a dict"),
+    (
+        "unwritable-results-dir",
+        lambda d, r: ["--results_dir", str(r / "scan.nii.gz" / "out")],
+        "results_dir: cannot write into",
+    ),
+    (
+        "malformed-datalist",
+        lambda d, r: ["--input_datalist", _datalist(d, "bad.json", '{"test": [')],
+        "is not valid JSON (line 1",
+    ),
+    (
+        "datalist-without-section",
+        lambda d, r: ["--input_datalist", _datalist(d, "other.json", '{"training": []}')],
+        "has no key 'test'",
+    ),
+    (
+        "datalist-record-without-image",
+        lambda d, r: ["--input_datalist", _datalist(d, "noimage.json", '{"test": [{"age": 60}]}')],
+        "record 0 of 'test' has no 'image' entry",
+    ),
+    (
+        "image-size-the-model-cannot-take",
+        lambda d, r: ["--image_size", "[30,30,30]"],
+        "image_size [30, 30, 30]: every side must be a positive multiple of 4",
+    ),
+    ("strength-out-of-range", lambda d, r: ["--strength", "1.5"], "strength must be in (0, 1]"),
+    ("zero-steps", lambda d, r: ["--num_inference_steps", "0"], "num_inference_steps must be at least 1"),
+    ("unknown-precision", lambda d, r: ["--precision", "fp8"], "precision must be one of"),
+    ("missing-weights", lambda d, r: ["--model_path", str(d / "none.pt")], "no weights file at"),
+    (
+        "weights-of-another-network",
+        lambda d, r: ["--model_path", _wrong_network(d)],
+        "does not fit the network built from the config",
+    ),
+    ("bad-flag", lambda d, r: ["--paired", "maybe"], "paired must be true or false, got 'maybe'"),
+]
+
+
+def _write_bytes(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
+
+
+def _png(path: Path) -> Path:
+    Image.fromarray((np.random.rand(32, 32) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def _with(array: np.ndarray, value: float) -> np.ndarray:
+    array[3, 4, 5] = value
+    return array
+
+
+def test_the_suite_covers_at_least_twenty_cases():
+    assert len({case[0] for case in CASES}) == len(CASES) >= 20
+
+
+@pytest.mark.parametrize("make, message", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_bad_input_fails_clearly_before_compute_and_writes_nothing(
+    untrained_bundle, bundle_cli, tmp_path, make, message
+):
+    np.random.seed(0)
+    out = tmp_path / "results"
+    arguments = {"--image": str(untrained_bundle / "scan.nii.gz"), "--source": SOURCE, "--target": "{'age': 85}"}
+    arguments["--results_dir"] = str(out)
+    overrides = make(tmp_path, untrained_bundle)
+    arguments.update(dict(zip(overrides[::2], overrides[1::2])))
+    flat = [item for pair in arguments.items() for item in pair]
+    result = bundle_cli("run", ["common.json", "inference.json"], *tiny_overrides(untrained_bundle), *flat, check=False)
+    last_line = [line for line in result.stderr.splitlines() if line.strip()][-1]
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert message in last_line, result.stderr[-3000:]
+    assert not out.exists(), "a failed run must not leave a results folder behind"
+    results_dir = Path(arguments["--results_dir"])
+    assert not (results_dir.exists() and any(results_dir.iterdir())), "no output files may be written"
