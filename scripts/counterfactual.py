@@ -229,13 +229,13 @@ class WriteCounterfactuald(MapTransform):
                 "source": {k: _plain(d.get(k)) for k in self.encoder.schema},
                 "target": {k: _plain(d.get(TARGET_PREFIX + k)) for k in self.encoder.schema},
                 "parameters": self.parameters,
-                "outputs": {kind: str(self.output_dir / Path(path).name) for kind, path in files.items()},
+                "outputs": {kind: str((self.output_dir / Path(path).name).resolve()) for kind, path in files.items()},
             }
             (staged / f"{name}_record.json").write_text(json.dumps(record, indent=4))
             _atomic_copy_into(self.output_dir, staged)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
-        d["output_record"] = str(self.output_dir / f"{name}_record.json")
+        d["output_record"] = str((self.output_dir / f"{name}_record.json").resolve())
         return d
 
     @staticmethod

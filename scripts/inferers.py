@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -198,6 +199,8 @@ class CounterfactualInferer(Inferer):
         fixed_point_iterations: refinements per inversion step (see `invert_latents`).
         precision: "fp32", "bf16" (CPU or CUDA) or "fp16" (CUDA).
         progress: show progress bars for inversion and sampling.
+        compile: run the denoiser through `torch.compile` (compiled once per inferer, on the first call; needs a
+            C++ compiler on CPU; worth it for many inputs, not for one).
         paired: the network is a paired (longitudinal) model from configs/train_paired.json, whose denoiser takes
             the source latent as extra channels and [c_source, c_target] as condition. There is no inversion: each
             draw samples the target latent from the drifted prior ε + δ over the whole chain (`strength` unused),
@@ -220,6 +223,7 @@ class CounterfactualInferer(Inferer):
         precision: str = "fp32",
         progress: bool = False,
         paired: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 < strength <= 1.0:
@@ -238,6 +242,7 @@ class CounterfactualInferer(Inferer):
         self.num_samples, self.sample_jitter, self.seed = num_samples, sample_jitter, seed
         self.fixed_point_iterations, self.precision = fixed_point_iterations, precision
         self.progress, self.paired = as_flag(progress, "progress"), as_flag(paired, "paired")
+        self.compile, self._compiled = as_flag(compile, "compile"), {}
 
     def timesteps(self) -> torch.Tensor:
         grid = set_inference_timesteps(self.scheduler, self.num_inference_steps)
@@ -254,6 +259,11 @@ class CounterfactualInferer(Inferer):
         """{"counterfactual": mean image, "std": per-voxel std over samples (zeros for n = 1), "latent": z_0}."""
         with precision_context(inputs.device, self.precision):
             z0 = network.encode(inputs).float()
+        if self.compile:  # the sampling helpers only use .denoiser and .drift of the network
+            key = id(network.denoiser)
+            if key not in self._compiled:
+                self._compiled = {key: torch.compile(network.denoiser)}
+            network = SimpleNamespace(denoiser=self._compiled[key], drift=network.drift, decode=network.decode)
         generator = torch.Generator().manual_seed(self.seed)
         if self.paired:
             drift = self.drift if self.drift is not None else network.drift

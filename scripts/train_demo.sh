@@ -19,5 +19,6 @@ if [[ "$which" == brain || "$which" == all ]]; then
         --patch_size "[32,32,32]" --batch_size 4 --learning_rate 0.001 --max_epochs 80 --val_interval 10 \
         --adversarial_weight 0 --resume False
     run training --config_file "['configs/common.json','configs/brain_mri_3d.json','configs/train_diffusion.json']" \
-        --batch_size 8 --learning_rate 0.0002 --max_epochs 50 --val_interval 10 --sample_every_epochs 25 --resume False
+        --batch_size 8 --learning_rate 0.0003 --max_epochs 60 --val_interval 10 --sample_every_epochs 30 --delta 0.1 \
+        --resume False
 fi

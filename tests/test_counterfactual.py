@@ -75,6 +75,15 @@ def test_same_seed_gives_the_same_counterfactual_and_samples_differ_between_draw
     assert first.shape == (1, 2, 32, 32) and first[:, 1].max() > 0, "n > 1 must give a non-zero std channel"
 
 
+@pytest.mark.slow
+def test_compiled_denoiser_gives_the_eager_counterfactual():
+    model, image = tiny_model(), torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    arguments = (image, model, condition(0.2), condition(0.8))
+    eager = CounterfactualInferer(scheduler(), num_inference_steps=4, seed=1)(*arguments)
+    compiled = CounterfactualInferer(scheduler(), num_inference_steps=4, seed=1, compile=True)(*arguments)
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
 def test_guidance_without_a_null_condition_is_refused():
     with pytest.raises(ValueError, match="null condition"):
         CounterfactualInferer(scheduler(), guidance_scale=3.0)
