@@ -223,6 +223,37 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write(path, lambda temporary: torch.save(obj, temporary), ".pt")
 
 
+def init_distributed(enabled: bool) -> int:
+    """
+    Multi-process training (configs/multi_gpu_train.json, launched by torchrun): join the process group (NCCL on
+    CUDA, gloo on CPU) and pin this process's GPU; returns the rank (0 when `enabled` is false: a no-op).
+    """
+    if not as_flag(enabled, "distributed"):
+        return 0
+    if "RANK" not in os.environ:
+        raise RuntimeError(
+            "distributed is true but no RANK is set: launch with torchrun, e.g. "
+            "torchrun --nproc_per_node 2 -m monai.bundle run training --config_file [..., multi_gpu_train.json]"
+        )
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.distributed.get_rank()
+
+
+def same_on_all_ranks(value: float) -> float:
+    """Rank 0's value on every process (e.g. the latent scale factor measured on each rank's own data shard)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    torch.distributed.broadcast(tensor, src=0)
+    return float(tensor.item())
+
+
 class TrainingCheckpoint:
     """
     Handler: saves {name: state_dict} of `save_dict` (network, optimizers, trainer...) atomically to
@@ -240,6 +271,7 @@ class TrainingCheckpoint:
         save_every_epochs: int = 1,
         resume: bool = True,
         finetune_from: str | None = None,
+        write: bool = True,
     ) -> None:
         if finetune_from and not Path(finetune_from).is_file():
             raise FileNotFoundError(f"finetune_from: no checkpoint file at {finetune_from!r}.")
@@ -247,6 +279,7 @@ class TrainingCheckpoint:
         self.save_dict, self.final_path, self.final_key = dict(save_dict), final_path, final_key
         self.save_every_epochs, self.finetune_from = save_every_epochs, finetune_from
         self.resume = as_flag(resume, "resume")
+        self.write = as_flag(write, "write")  # False on every rank but 0 in multi-process training: load, never save
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.load)
@@ -271,11 +304,13 @@ class TrainingCheckpoint:
             logger.info(f"fine-tuning from {self.finetune_from}")
 
     def save(self, engine: Engine) -> None:
+        if not self.write:
+            return
         atomic_save({name: obj.state_dict() for name, obj in self.save_dict.items()}, self.checkpoint_path)
 
     def save_final(self, engine: Engine) -> None:
         self.save(engine)
-        if self.final_path:
+        if self.final_path and self.write:
             atomic_save(self.save_dict[self.final_key].state_dict(), self.final_path)
             logger.info(f"saved final weights to {self.final_path}")
 

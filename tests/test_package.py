@@ -61,3 +61,28 @@ def test_monai_bundle_download_from_a_file_url_then_inference_runs_there(archive
     record = json.loads((bundle / "eval" / "counterfactual" / "sample_visit-0_record.json").read_text())
     assert Path(record["outputs"]["counterfactual"]).is_file()
     assert Path(record["outputs"]["montage"]).is_file()
+
+
+def test_ckpt_export_traces_the_network_component_to_torchscript(tmp_path, bundle_cli):
+    import torch
+    from monai.bundle import ConfigParser
+
+    configs = ["common.json", "chest_xray_2d.json", "inference.json"]
+    exported = tmp_path / "model.ts"
+    command = [
+        sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(exported),
+        "--ckpt_file", "models/chest/model.pt", "--meta_file", "configs/metadata.json",
+        "--config_file", "[" + ",".join(f"'configs/{name}'" for name in configs) + "]",
+        "--use_trace", "true", "--input_shape", "[1,1,128,128]",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(BUNDLE_ROOT)}
+    result = subprocess.run(command, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    traced = torch.jit.load(str(exported))
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE_ROOT / "configs" / name) for name in configs])
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(BUNDLE_ROOT / "models" / "chest" / "model.pt", weights_only=True))
+    image = torch.rand(1, 1, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(traced(image), network.eval()(image), atol=1e-4, rtol=1e-4)
