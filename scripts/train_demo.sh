@@ -18,6 +18,11 @@ if [[ "$which" == brain || "$which" == all ]]; then
     run training --config_file "['configs/common.json','configs/brain_mri_3d.json','configs/train_autoencoder.json']" \
         --patch_size "[32,32,32]" --batch_size 4 --learning_rate 0.001 --max_epochs 80 --val_interval 10 \
         --adversarial_weight 0 --resume False
+    # GroupNorm statistics of 32^3 patches differ from whole volumes (a brighter reconstruction): adapt on whole ones
+    cp models/autoencoder.pt runs/autoencoder_patches.pt
+    run training --config_file "['configs/common.json','configs/brain_mri_3d.json','configs/train_autoencoder.json']" \
+        --finetune_from runs/autoencoder_patches.pt --batch_size 2 --learning_rate 0.0002 --max_epochs 4 \
+        --val_interval 2 --adversarial_weight 0 --resume False
     run training --config_file "['configs/common.json','configs/brain_mri_3d.json','configs/train_diffusion.json']" \
         --batch_size 8 --learning_rate 0.0003 --max_epochs 60 --val_interval 10 --sample_every_epochs 30 --delta 0.1 \
         --resume False

@@ -111,3 +111,32 @@ def test_counterfactual_has_the_input_geometry_and_all_outputs(untrained_bundle,
     assert record["target"] == {"age": 85, "sex": "F", "diagnosis": "AD"}
     assert (out / "scan_montage.png").is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary files may be left behind"
+
+
+def test_a_datalist_runs_in_batches_and_matches_one_by_one(untrained_bundle, bundle_cli, tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    records = []
+    for index in range(3):
+        path = tmp_path / f"scan{index}.nii.gz"
+        nib.save(
+            nib.Nifti1Image((rng.random((36, 36, 30)) * 100).astype(np.float32), np.diag([5.0, 5.0, 5.0, 1.0])), path
+        )
+        records.append({"image": path.name, "age": 60 + index, "sex": "F", "diagnosis": "CN", "target_age": 85})
+    datalist = tmp_path / "inputs.json"
+    datalist.write_text(json.dumps({"test": records}))
+    outputs = {}
+    for batch in ("1", "3"):
+        out = tmp_path / f"batch{batch}"
+        bundle_cli(
+            "run", ["common.json", "inference.json"], *tiny_overrides(untrained_bundle), "--input_datalist",
+            str(datalist), "--inference_batch_size", batch, "--results_dir", str(out), "--progress", "false",
+        )  # fmt: skip
+        outputs[batch] = [np.asarray(nib.load(out / f"scan{i}_counterfactual.nii.gz").dataobj) for i in range(3)]
+        for index in range(3):
+            record = json.loads((out / f"scan{index}_record.json").read_text())
+            assert record["source"]["age"] == 60 + index and record["target"]["age"] == 85
+    for one, batched in zip(outputs["1"], outputs["3"]):
+        np.testing.assert_allclose(batched, one, atol=1e-3)
