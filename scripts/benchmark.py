@@ -193,7 +193,51 @@ def _counterfactual(bundle_root: str, modality: str, settings: dict, variant: st
             inferer(image, network, condition, condition)
 
     result = _time(run, settings["latency_repeats"])
+    if variant != "baseline":  # where the time goes: one more run with timing hooks on the parts
+        result["profile"] = _profile(run, network.denoiser, network.autoencoder)
     return {**result, "image_size": list(image_size), "num_inference_steps": steps, **parameters}
+
+
+def _profile(run: Callable[[], Any], denoiser: torch.nn.Module, autoencoder: torch.nn.Module) -> dict[str, Any]:
+    """Seconds spent in the denoiser and in the autoencoder's encode/decode (and call counts) during one `run`."""
+    spent = {"denoiser": [0.0, 0]}
+    starts: dict[str, float] = {}
+    handles = [
+        denoiser.register_forward_pre_hook(lambda *_: starts.__setitem__("denoiser", time.perf_counter())),
+        denoiser.register_forward_hook(lambda *_: _add(spent, "denoiser", starts)),
+    ]
+    wrapped = []
+    for method in ("encode", "decode"):  # methods, not forward: timed by wrapping them on the instance
+        original = getattr(autoencoder, method)
+        wrapped.append(method)
+        spent[f"autoencoder.{method}"] = [0.0, 0]
+
+        def timed(*args, _original=original, _name=f"autoencoder.{method}", **kwargs):
+            begin = time.perf_counter()
+            output = _original(*args, **kwargs)
+            spent[_name][0] += time.perf_counter() - begin
+            spent[_name][1] += 1
+            return output
+
+        setattr(autoencoder, method, timed)
+    try:
+        begin = time.perf_counter()
+        run()
+        total = time.perf_counter() - begin
+    finally:
+        for handle in handles:
+            handle.remove()
+        for method in wrapped:
+            delattr(autoencoder, method)
+    profile = {name: {"seconds": round(value[0], 3), "calls": value[1]} for name, value in spent.items() if value[1]}
+    profile["total_seconds"] = round(total, 3)
+    profile["other_seconds"] = round(total - sum(value[0] for value in spent.values()), 3)
+    return profile
+
+
+def _add(spent: dict[str, list], name: str, starts: dict[str, float]) -> None:
+    spent[name][0] += time.perf_counter() - starts[name]
+    spent[name][1] += 1
 
 
 def _full_resolution(bundle_root: str, modality: str, settings: dict, native: bool) -> dict[str, Any]:
@@ -363,6 +407,13 @@ def report(results: dict[str, Any]) -> str:
                 f"| {name} | {ours['seconds']:.3f} | {base['seconds']:.3f} | {ratio:.3f} | "
                 f"{ours['peak_rss_mb']:.0f} / {base['peak_rss_mb']:.0f} |"
             )
+        if "profile" in r.get("counterfactual_ours", {}):
+            p = r["counterfactual_ours"]["profile"]
+            parts = ", ".join(f"{name} {v['seconds']:.2f} s ({v['calls']} calls)" for name, v in p.items()
+                              if isinstance(v, dict))  # fmt: skip
+            lines += ["", f"Where the counterfactual's time goes (one profiled run, {p['total_seconds']:.2f} s): "
+                      f"{parts}; everything else (scheduler steps, drift, guidance arithmetic) "
+                      f"{p['other_seconds']:.2f} s."]  # fmt: skip
         if "counterfactual_defaults" in r:
             d = r["counterfactual_defaults"]
             lines += [
