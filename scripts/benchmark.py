@@ -299,7 +299,7 @@ def run_benchmark(
     output_dir: str = "docs",
     modalities: tuple[str, ...] = ("3d", "2d"),
     repeats: int = 5,
-    latency_repeats: int = 3,
+    latency_repeats: int = 7,
     num_inference_steps: int = 50,
     guidance_scale: float = 3.0,
     delta: float = 0.1,

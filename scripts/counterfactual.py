@@ -309,7 +309,7 @@ def write_montage(
         rows.append(np.concatenate(panels, 1))
     width = max(r.shape[1] for r in rows)
     picture = np.concatenate([np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0))) for r in rows], 0)
-    scale = max(1, 384 // picture.shape[0])
+    scale = max(1, -(-384 // picture.shape[0]))  # at least 384 px tall
     Image.fromarray(picture).resize((picture.shape[1] * scale, picture.shape[0] * scale), Image.NEAREST).save(path)
     return str(path)
 

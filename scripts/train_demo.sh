@@ -24,6 +24,6 @@ if [[ "$which" == brain || "$which" == all ]]; then
         --finetune_from runs/autoencoder_patches.pt --batch_size 2 --learning_rate 0.0002 --max_epochs 4 \
         --val_interval 2 --adversarial_weight 0 --resume False
     run training --config_file "['configs/common.json','configs/brain_mri_3d.json','configs/train_diffusion.json']" \
-        --batch_size 8 --learning_rate 0.0003 --max_epochs 60 --val_interval 10 --sample_every_epochs 30 --delta 0.1 \
+        --batch_size 8 --learning_rate 0.0003 --max_epochs 120 --val_interval 20 --sample_every_epochs 60 --delta 0.1 \
         --resume False
 fi
