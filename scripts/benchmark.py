@@ -19,6 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import platform
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -268,11 +269,14 @@ def _full_resolution(bundle_root: str, modality: str, settings: dict, native: bo
     })  # fmt: skip
     if native:
         parser.update({"image_size": list(shape), "pixdim": [1.0, 1.0, 1.0]})
-    evaluator = parser.get_parsed_content("evaluator")  # untrained weights: memory and time do not depend on them
-    result = _time(evaluator.run, 1, warmup=0)
-    written = sorted(path.name for path in (folder / "out").iterdir())
-    output = nib.load(folder / "out" / "brain_1mm_counterfactual.nii.gz")
-    image_size = parser.get_parsed_content("image_size")
+    try:
+        evaluator = parser.get_parsed_content("evaluator")  # untrained weights: memory and time do not depend on them
+        result = _time(evaluator.run, 1, warmup=0)
+        written = sorted(path.name for path in (folder / "out").iterdir())
+        output = nib.load(folder / "out" / "brain_1mm_counterfactual.nii.gz")
+        image_size = parser.get_parsed_content("image_size")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return {**result, "input_shape": list(shape), "output_shape": list(output.shape), "network_grid": image_size,
             "num_inference_steps": steps, "outputs": written}  # fmt: skip
 
