@@ -95,14 +95,19 @@ def sample_latents(
     null_condition: torch.Tensor | None = None,
     drift: LatentDrift | None = None,
     precision: str = "fp32",
+    source_latent: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Drifted DDIM sampling from z_T = ε + δ down to z_0 under `condition` (B, 1, size)."""
+    """
+    Drifted DDIM sampling from z_T = ε + δ down to z_0 under `condition` (B, 1, size); `source_latent` is the
+    paired mode's extra input (see `denoise_latents`).
+    """
     drift = drift if drift is not None else model.drift
     timesteps = set_inference_timesteps(scheduler, num_inference_steps)
     start = drift.prior(noise)
     return denoise_latents(
-        model, scheduler, start, condition, timesteps, guidance_scale, null_condition, drift, precision
-    )
+        model, scheduler, start, condition, timesteps, guidance_scale, null_condition, drift, precision, False,
+        source_latent,
+    )  # fmt: skip
 
 
 @torch.inference_mode()

@@ -26,7 +26,7 @@ from monai.transforms import MapTransform
 from scripts.data import load_datalist, longitudinal_pairs
 from scripts.drift import LatentDrift
 from scripts.engines import batch_tensor
-from scripts.inferers import denoise_latents, paired_null_condition, set_inference_timesteps
+from scripts.inferers import paired_null_condition, sample_latents
 from scripts.networks import LatentDriftModel
 from scripts.transforms import CovariateEncoder, DriftNoised
 
@@ -155,18 +155,6 @@ def sample_paired(
         raise ValueError(f"noise shape {tuple(noise.shape)} != source latent shape {tuple(source_latent.shape)}.")
     condition = torch.cat([condition_source, condition_target], -1).to(source_latent)
     null = None if null_condition is None else paired_null_condition(null_condition, condition_source.shape[-1])
-    drift = drift if drift is not None else model.drift
-    timesteps = set_inference_timesteps(scheduler, num_inference_steps)
-    return denoise_latents(
-        model,
-        scheduler,
-        drift.prior(noise),
-        condition,
-        timesteps,
-        guidance_scale,
-        null,
-        drift,
-        precision,
-        False,
-        source_latent,
+    return sample_latents(
+        model, scheduler, noise, condition, num_inference_steps, guidance_scale, null, drift, precision, source_latent
     )
