@@ -852,14 +852,48 @@ def render(
     covariates: Mapping[str, Any],
     shape: Sequence[int] | None = None,
     spacing: float | None = None,
+    profile: str = "standard",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Render ``modality`` from exogenous factors and covariates; ``shape``/``spacing`` ``None`` = defaults."""
+    """Render ``modality`` from exogenous factors and covariates; ``shape``/``spacing`` ``None`` = defaults;
+    ``profile`` the acquisition profile (``PROFILES``), the domain of the images."""
     modality = _check_modality(modality)
+    _check_profile(modality, profile)
     if modality == "brain":
-        return render_brain(u, covariates, shape=shape, spacing=spacing)  # type: ignore[arg-type]
-    if spacing is not None:
-        raise ValueError("spacing applies to brain volumes only; the chest field of view is fixed, choose shape.")
-    return render_chest(u, covariates, shape=shape)  # type: ignore[arg-type]
+        image, label = render_brain(u, covariates, shape=shape, spacing=spacing)  # type: ignore[arg-type]
+    else:
+        if spacing is not None:
+            raise ValueError("spacing applies to brain volumes only; the chest field of view is fixed, choose shape.")
+        image, label = render_chest(u, covariates, shape=shape)  # type: ignore[arg-type]
+    return apply_profile(modality, image, label, profile), label
+
+
+# Acquisition profiles: the same anatomy seen by another scanner / protocol, for domain-shift experiments (the
+# ablation pretrains on one profile and fine-tunes on "standard"). Applied after rendering, so they are
+# deterministic and keep the label map.
+PROFILES: dict[str, tuple[str, ...]] = {"brain": ("standard", "t2"), "chest": ("standard", "portable")}
+
+
+def _check_profile(modality: str, profile: str) -> str:
+    if profile not in PROFILES[modality]:
+        raise ValueError(f"profile must be one of {list(PROFILES[modality])} for {modality}, got {profile!r}.")
+    return profile
+
+
+def apply_profile(modality: str, image: np.ndarray, label: np.ndarray, profile: str = "standard") -> np.ndarray:
+    """The image as acquired with ``profile``.
+
+    - brain "t2": T2-weighted-like contrast inside the head (CSF bright, white matter dark): ``1.05 - I`` where the
+      label is not background, background unchanged;
+    - chest "portable": a bedside-film look: lower resolution (Gaussian blur of 1 px per 128 px of image size) and
+      a flatter, brighter film response ``0.15 + 0.7 * I ** 1.7``.
+    """
+    _check_profile(modality, profile)
+    if profile == "standard":
+        return image
+    if profile == "t2":
+        return np.where(label > 0, np.clip(1.05 - image, 0.0, 1.0), image).astype(np.float32)
+    blurred = ndimage.gaussian_filter(image.astype(np.float32), sigma=max(image.shape) / 128.0)
+    return (0.15 + 0.7 * np.clip(blurred, 0.0, 1.0) ** 1.7).astype(np.float32)
 
 
 def counterfactual(
@@ -869,6 +903,7 @@ def counterfactual(
     changes: Mapping[str, Any],
     shape: Sequence[int] | None = None,
     spacing: float | None = None,
+    profile: str = "standard",
 ) -> tuple[np.ndarray, np.ndarray]:
     """The exact counterfactual: the same subject (same U) rendered with ``covariates`` updated by ``changes``.
 
@@ -881,7 +916,7 @@ def counterfactual(
     unknown = sorted(set(changes) - set(allowed))
     if unknown:
         raise ValueError(f"changes has unknown {modality} covariates {unknown}; allowed: {list(allowed)}.")
-    return render(modality, u, {**covariates, **changes}, shape=shape, spacing=spacing)
+    return render(modality, u, {**covariates, **changes}, shape=shape, spacing=spacing, profile=profile)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -969,6 +1004,7 @@ def generate_cohort(
     spacing: float | None = None,
     seed: int = 0,
     val_fraction: float = 0.2,
+    profile: str = "standard",
 ) -> str:
     """Write a synthetic cohort with a MONAI datalist and the exogenous factors needed to re-render any subject.
 
@@ -986,11 +1022,13 @@ def generate_cohort(
         spacing: brain voxel size in mm; ``None`` = 3.0. Must be ``None`` for chest (fixed field of view).
         seed: seed of covariates and exogenous factors; same arguments give identical files.
         val_fraction: fraction of subjects in ``validation``, in [0, 1).
+        profile: acquisition profile of every image (``PROFILES``; "standard" unless studying domain shift).
 
     Returns:
         path of ``datalist.json``.
     """
     modality = _check_modality(modality)
+    _check_profile(modality, profile)
     if isinstance(num_subjects, bool) or not isinstance(num_subjects, (int, np.integer)) or num_subjects < 1:
         raise ValueError(f"num_subjects must be an integer >= 1, got {num_subjects!r}.")
     if visits_per_subject is None:
@@ -1020,7 +1058,7 @@ def generate_cohort(
         visits = sample_visits(subject_rng, int(visits_per_subject))
         subject_records = []
         for visit, covariates in enumerate(visits):
-            image, label = render(modality, u, covariates, shape=shape, spacing=spacing)
+            image, label = render(modality, u, covariates, shape=shape, spacing=spacing, profile=profile)
             stem = f"{subject}_visit-{visit}"
             image_rel, label_rel = _write_pair(modality, output_dir, stem, image, label, spacing or 0.0)
             subject_records.append({"image": image_rel, "label": label_rel, "subject": subject, "visit": visit})
@@ -1034,6 +1072,7 @@ def generate_cohort(
                 "spacing": spacing,
                 "exogenous": u.to_dict(),
                 "visits": visits,
+                "profile": profile,
             },
         )
         records[subject] = subject_records
@@ -1056,6 +1095,7 @@ def generate_cohort(
             "shape": list(shape),
             "spacing": spacing,
             "seed": int(seed),
+            "profile": profile,
             "labels": BRAIN_LABELS if modality == "brain" else CHEST_LABELS,
             "mechanisms": _mechanisms(modality),
         },
@@ -1073,6 +1113,7 @@ def write_subject(
     subject: str = "sample",
     shape: Sequence[int] | None = None,
     spacing: float | None = None,
+    profile: str = "standard",
 ) -> dict[str, Any]:
     """Render one subject with the given covariates (U drawn from ``seed``) in the cohort layout, so that
     ``load_subject`` and ``write_counterfactual_truth`` work on ``output_dir``. Returns the datalist-style record."""
@@ -1083,7 +1124,7 @@ def write_subject(
         shape, spacing = _check_shape(shape, 3, DEFAULT_BRAIN_SHAPE), _check_spacing(spacing)
     else:
         shape, spacing = _check_shape(shape, 2, DEFAULT_CHEST_SHAPE), None
-    image, label = render(modality, u, covariates, shape=shape, spacing=spacing)
+    image, label = render(modality, u, covariates, shape=shape, spacing=spacing, profile=profile)
     folder = os.path.abspath(os.fspath(output_dir))
     image_rel, label_rel = _write_pair(modality, folder, f"{subject}_visit-0", image, label, spacing or 0.0)
     _write_json(
@@ -1095,6 +1136,7 @@ def write_subject(
             "spacing": spacing,
             "exogenous": u.to_dict(),
             "visits": [dict(covariates)],
+            "profile": profile,
         },
     )
     return {"image": image_rel, "label": label_rel, "subject": subject, "visit": 0, **covariates}
@@ -1134,6 +1176,7 @@ def load_subject(cohort_dir: str | os.PathLike, subject: str) -> dict[str, Any]:
         "visits": content["visits"],
         "shape": tuple(content["shape"]),
         "spacing": content["spacing"],
+        "profile": content.get("profile", "standard"),
     }
 
 
@@ -1157,7 +1200,9 @@ def write_counterfactual_truth(
     modality, u = subject_info["modality"], subject_info["u"]
     factual = dict(visits[visit])
     spacing = subject_info["spacing"]
-    image, label = counterfactual(modality, u, factual, changes, shape=subject_info["shape"], spacing=spacing)
+    image, label = counterfactual(
+        modality, u, factual, changes, shape=subject_info["shape"], spacing=spacing, profile=subject_info["profile"]
+    )
     target = {**factual, **changes}
     tag = "_".join(f"{k}-{v}" for k, v in sorted(changes.items())) or "none"
     stem = f"{subject}_visit-{visit}_cf-{tag}"

@@ -1,0 +1,241 @@
+"""The evaluation workflow: metrics, interventions, the cohort-trained evaluators and configs/evaluate.json."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from scripts import ablation, evaluate, evaluators
+from scripts.transforms import CovariateEncoder
+from tests.conftest import run_bundle
+
+CHEST_SCHEMA = {
+    "age": {"type": "continuous", "range": [18, 100]},
+    "sex": {"type": "binary", "categories": ["F", "M"]},
+    "cardiomegaly": {"type": "binary", "categories": [0, 1]},
+    "effusion": {"type": "binary", "categories": [0, 1]},
+}
+CHEST = ["common.json", "chest_xray_2d.json"]
+SMALL = {"image_size": [64, 64], "autoencoder_channels": [8, 16, 32], "unet_channels": [16, 32, 32]}
+SMALL_CHEST = [argument for key, value in SMALL.items() for argument in (f"--{key}", json.dumps(value))]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 64, 64), (2, 1, 40, 40, 40)])
+def test_similarity_is_perfect_on_identical_images_and_worse_on_perturbed(shape):
+    images = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    same = evaluate.similarity(images, images.clone())
+    assert same["mae"] == 0 and math.isinf(same["psnr"])
+    assert same["ssim"] == pytest.approx(1.0, abs=1e-5) and same["ms_ssim"] == pytest.approx(1.0, abs=1e-5)
+    noisy = (images + 0.1 * torch.randn(shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    worse = evaluate.similarity(images, noisy)
+    assert worse["mae"] > 0.03 and worse["psnr"] < 30 and worse["ssim"] < 0.95 and worse["ms_ssim"] < 0.99
+    noisier = evaluate.similarity(images, (images + 0.3 * torch.randn(shape)).clamp(0, 1))
+    assert noisier["mae"] > worse["mae"] and noisier["ssim"] < worse["ssim"] and noisier["psnr"] < worse["psnr"]
+
+
+def test_fid_and_kid_vanish_for_one_distribution_and_grow_with_a_shift():
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randn(300, 16, generator=generator, dtype=torch.double)
+    same = torch.randn(300, 16, generator=generator, dtype=torch.double)
+    shifted = same + 1.0
+    assert evaluate.fid(real, real) == pytest.approx(0.0, abs=1e-6)
+    # KID is unbiased for independent samples: two draws of one distribution score about 0
+    assert abs(evaluate.kid(real, same)[0]) < 0.05 * evaluate.kid(real, shifted)[0]
+    assert evaluate.fid(real, shifted) > 10 * evaluate.fid(real, same)
+    assert evaluate.kid(real, shifted)[0] > 10 * abs(evaluate.kid(real, same)[0])
+    with pytest.raises(ValueError, match="at least 2"):
+        evaluate.kid(real[:1], same)
+
+
+def test_interventions_flip_shift_and_literal():
+    encoder = CovariateEncoder(CHEST_SCHEMA)
+    source = {"age": 95, "sex": "F", "cardiomegaly": 0, "effusion": 1}
+    assert evaluate.apply_intervention(encoder, source, {"effusion": "flip"})["effusion"] == 0
+    assert evaluate.apply_intervention(encoder, source, {"sex": "flip"})["sex"] == "M"
+    assert evaluate.apply_intervention(encoder, source, {"age": "+10"})["age"] == 100  # clipped to the range
+    assert evaluate.apply_intervention(encoder, source, {"age": "-20"})["age"] == 75
+    assert evaluate.apply_intervention(encoder, source, {"cardiomegaly": 1}) == {**source, "cardiomegaly": 1}
+    for bad, message in (
+        ({"height": 3}, "unknown covariate 'height'"),
+        ({"age": "flip"}, "'flip' needs a binary"),
+        ({"age": "+ten"}, "not a number"),
+        ({}, "non-empty"),
+        ({"sex": "X"}, "sex"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            evaluate.apply_intervention(encoder, source, bad)
+
+
+def test_predictions_decode_to_covariate_values_inside_the_schema():
+    encoder = CovariateEncoder(CHEST_SCHEMA)
+    output = torch.tensor([[1.7, 3.0, -2.0, 0.1], [-0.5, -3.0, 2.0, -0.1]])
+    rows = evaluators.decode_predictions(encoder, output)
+    assert rows[0]["age"] == 100 and rows[1]["age"] == 18  # clamped to the range
+    assert (rows[0]["sex"], rows[0]["cardiomegaly"], rows[0]["effusion"]) == ("M", 0, 1)
+    assert (rows[1]["sex"], rows[1]["cardiomegaly"], rows[1]["effusion"]) == ("F", 1, 0)
+    scores = evaluators.predictor_scores(
+        encoder, [{"age": 100, "sex": "M", "cardiomegaly": 0, "effusion": 1}] * 2, output
+    )
+    assert scores["sex_accuracy"] == 0.5 and scores["age_mae"] == pytest.approx(41.0)
+
+
+def test_blur_keeps_the_mean_and_smooths():
+    image = torch.zeros(1, 1, 33, 33)
+    image[..., 16, 16] = 1.0
+    blurred = evaluators.gaussian_blur(image, 1.0)
+    assert blurred.sum() == pytest.approx(1.0, abs=1e-5) and blurred.max() < 0.2
+    assert evaluators.gaussian_blur(torch.ones(1, 1, 8, 8, 8), 1.5).allclose(torch.ones(1, 1, 8, 8, 8))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The ablation's table
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fake_evaluation(mae: float) -> dict:
+    entry = {
+        "oracle": {"counterfactual_vs_truth": {"mae": mae, "ssim": 1 - mae}},
+        "effectiveness": {"effusion_accuracy": {"counterfactual": 0.5}},
+        "minimality": {"mae_where_unchanged": mae / 2},
+        "realism": {"counterfactual": {"kid": 0.1}},
+        "reversibility": {"counterfactual_vs_input": {"mae": 2 * mae}},
+    }
+    return {
+        "interventions": {"effusion=flip": entry},
+        "composition": {"counterfactual_vs_input": {"mae": mae}},
+        "utility": {
+            "trained_on_synthetic": {"effusion_auc": 0.75, "sex_auc": 0.25},
+            "realism_of_samples": {"kid": 0.2},
+        },
+    }
+
+
+def test_ablation_table_reports_mean_and_spread_over_seeds():
+    rows = [ablation._metrics(_fake_evaluation(m)) for m in (0.1, 0.3)]
+    assert rows[0]["utility_auc"] == 0.5 and rows[0]["reversibility_mae"] == pytest.approx(0.2)
+    summary = ablation._summarise(rows)
+    assert summary["oracle_mae"] == pytest.approx([0.2, 0.1])
+    table = ablation.markdown_table({"rows": [{"model": "fine-tuned full", "ld": "off", "summary": summary}]})
+    assert "| fine-tuned full | off | 0.2000 ± 0.1000 |" in table
+
+
+def test_ablation_rejects_bad_settings_before_any_work(tmp_path):
+    common = dict(
+        output_dir=str(tmp_path / "ablation"), modality="chest", preset="configs/chest_xray_2d.json",
+        image_size=[64, 64], source_subjects=10, target_train_subjects=4, target_test_subjects=4,
+        evaluator_subjects=10, autoencoder={}, pretrain={}, finetune={}, evaluation={}, evaluators={},
+        delta_grid=[0.0],
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="schemes"):
+        ablation.run_ablation(source_profile="portable", schemes=["lora"], **common)
+    with pytest.raises(ValueError, match="must differ"):
+        ablation.run_ablation(source_profile="standard", **common)
+    with pytest.raises(ValueError, match="profile must be one of"):
+        ablation.run_ablation(source_profile="t2", **common)
+    assert not (tmp_path / "ablation").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluators and the workflow through the CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chest_cohort(tmp_path_factory):
+    """A 64 px chest cohort (80 training / 20 held-out subjects) and evaluators trained on it through the CLI."""
+    root = tmp_path_factory.mktemp("eval")
+    cohort = root / "cohort"
+    run_bundle("generate", ["generate_cohort.json"], "--modality", "chest", "--num_subjects", "100",
+               "--shape", "[64, 64]", "--output_dir", str(cohort))  # fmt: skip
+    run_bundle("run", [*CHEST, "train_evaluators.json"], *SMALL_CHEST, "--dataset_dir", str(cohort),
+               "--evaluator_dir", str(root / "evaluators"), "--predictor_epochs", "25",
+               "--segmenter_epochs", "20")  # fmt: skip
+    return root
+
+
+@pytest.mark.slow
+def test_evaluators_reach_their_documented_held_out_accuracy(chest_cohort):
+    """docs/evaluation.md quotes these floors (held-out subjects, 64 px chest cohort of 100 subjects)."""
+    report = json.loads((chest_cohort / "evaluators" / "evaluators.json").read_text())
+    assert report["num_training"] == 80 and report["num_held_out"] == 20
+    assert not set(report["held_out_subjects"]) & {
+        r["subject"] for r in json.loads((chest_cohort / "cohort" / "datalist.json").read_text())["training"]
+    }
+    predictor, segmenter = report["predictor"]["held_out"], report["segmenter"]["held_out"]
+    assert predictor["cardiomegaly_accuracy"] >= 0.9 and predictor["effusion_accuracy"] >= 0.8
+    assert predictor["sex_accuracy"] >= 0.85
+    assert segmenter["mean_dice"] >= 0.85 and segmenter["dice"]["heart"] >= 0.85
+    assert segmenter["cardiothoracic_ratio_abs_error"] <= 0.03
+
+
+@pytest.mark.slow
+def test_evaluate_workflow_writes_every_score_and_the_oracle_plumbing_is_exact(chest_cohort, tmp_path):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([f"configs/{name}" for name in CHEST])
+    parser.update(SMALL)
+    torch.manual_seed(0)
+    network = parser.get_parsed_content("network_def")
+    torch.save(network.state_dict(), tmp_path / "model.pt")
+    out = tmp_path / "evaluation"
+    run_bundle(
+        "run", [*CHEST, "inference.json", "evaluate.json"], *SMALL_CHEST, "--model_path", str(tmp_path / "model.pt"),
+        "--dataset_dir", str(chest_cohort / "cohort"), "--evaluator_dir", str(chest_cohort / "evaluators"),
+        "--results_dir", str(out), "--num_records", "4", "--num_inference_steps", "3",
+        "--interventions", "[{'effusion': 'flip'}, {'age': '+0'}]", "--utility_samples", "8", "--utility_epochs", "1",
+        "--utility_inference_steps", "2",
+    )  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == [
+        "evaluation.json", "evaluation.md", "evaluation_montage.png", "evaluation_oracle.png",
+    ]  # fmt: skip
+    report = json.loads((out / "evaluation.json").read_text())
+    flip, null = report["interventions"]["effusion=flip"], report["interventions"]["age=+0"]
+    # a no-op intervention: the oracle's truth is the input itself, so the input scores perfectly against it
+    assert null["oracle"]["input_vs_truth"]["mae"] == 0 and null["oracle"]["input_vs_truth"]["ssim"] > 0.9999
+    assert null["changed_covariates"] == [] and null["minimality"]["unchanged_share_of_image"] == 1.0
+    assert flip["changed_covariates"] == ["effusion"] and flip["oracle"]["input_vs_truth"]["mae"] > 0
+    assert flip["effectiveness"]["effusion_accuracy"]["input"] == 0.0  # the predictor reads the inputs right
+    assert flip["effectiveness"]["effusion_accuracy"]["truth"] >= 0.75  # ... and the oracle's truths
+    for key in ("volumes", "minimality", "realism", "reversibility"):
+        assert flip[key]
+    assert set(report["composition"]) == {"counterfactual_vs_input", "reconstruction_vs_input"}
+    assert report["utility"]["num_training_images"] == 8
+    assert "## Utility" in (out / "evaluation.md").read_text()
+
+
+@pytest.mark.slow
+def test_evaluate_rejects_bad_interventions_and_missing_evaluators_before_compute(chest_cohort, tmp_path):
+    common = [*SMALL_CHEST, "--dataset_dir", str(chest_cohort / "cohort"), "--model_path", str(tmp_path / "none.pt")]
+    out = tmp_path / "evaluation"
+    result = run_bundle(
+        "run", [*CHEST, "inference.json", "evaluate.json"], *common, "--results_dir", str(out),
+        "--evaluator_dir", str(chest_cohort / "evaluators"), "--interventions", "[{'bmi': 30}]", check=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and not out.exists()
+    assert "none.pt" in result.stderr.strip().splitlines()[-1]  # the weights are checked first, at initialize
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([f"configs/{name}" for name in CHEST])
+    parser.update(SMALL)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "none.pt")
+    for extra, message in (
+        (["--evaluator_dir", str(chest_cohort / "evaluators"), "--interventions", "[{'bmi': 30}]"], "'bmi'"),
+        (["--evaluator_dir", str(tmp_path / "nothing")], "train_evaluators.json"),
+    ):
+        result = run_bundle(
+            "run", [*CHEST, "inference.json", "evaluate.json"], *common, "--results_dir", str(out), *extra, check=False
+        )
+        assert result.returncode != 0 and not out.exists()
+        assert message in result.stderr.strip().splitlines()[-1]
+    assert Path(chest_cohort / "evaluators" / "predictor.pt").is_file()
