@@ -270,3 +270,34 @@ def test_bundle_cli_generate_writes_the_datalist(tmp_path):
     with open(output_dir / "datalist.json") as f:
         datalist = json.load(f)
     assert len(datalist["training"]) + len(datalist["validation"]) == 2 * 3
+
+
+def test_acquisition_profiles_change_the_look_not_the_anatomy_and_the_oracle_keeps_the_profile(tmp_path):
+    brain_u, chest_u = phantoms.sample_exogenous("brain", 3), phantoms.sample_exogenous("chest", 3)
+    brain_cov = {"age": 70, "sex": "F", "diagnosis": "CN"}
+    t1, label = phantoms.render("brain", brain_u, brain_cov, shape=(32, 32, 32), spacing=6.0)
+    t2, label_t2 = phantoms.render("brain", brain_u, brain_cov, shape=(32, 32, 32), spacing=6.0, profile="t2")
+    np.testing.assert_array_equal(label, label_t2)
+    labels = phantoms.BRAIN_LABELS
+    csf, wm = label == labels["ventricles"], label == labels["white_matter"]
+    assert t1[wm].mean() > t1[csf].mean() and t2[csf].mean() > t2[wm].mean()  # T2-like: fluid bright
+    chest_cov = {"age": 60, "sex": "M", "cardiomegaly": 0, "effusion": 0}
+    film, _ = phantoms.render("chest", chest_u, chest_cov, shape=(64, 64))
+    portable, _ = phantoms.render("chest", chest_u, chest_cov, shape=(64, 64), profile="portable")
+    again, _ = phantoms.render("chest", chest_u, chest_cov, shape=(64, 64), profile="portable")
+    np.testing.assert_array_equal(portable, again)
+    assert portable.min() >= 0.15 and np.abs(portable - film).mean() > 0.05
+    with pytest.raises(ValueError, match="profile must be one of"):
+        phantoms.render("chest", chest_u, chest_cov, shape=(64, 64), profile="t2")
+    datalist = phantoms.generate_cohort(tmp_path, "chest", num_subjects=2, shape=(64, 64), profile="portable")
+    record = json.loads(open(datalist).read())["training"][0]
+    truth = phantoms.write_counterfactual_truth(tmp_path, record["subject"], {"effusion": 1 - record["effusion"]})
+    subject = phantoms.load_subject(tmp_path, record["subject"])
+    assert subject["profile"] == "portable"
+    expected, _ = phantoms.counterfactual(
+        "chest", subject["u"], subject["visits"][0], {"effusion": 1 - record["effusion"]}, (64, 64), profile="portable"
+    )
+    from PIL import Image
+
+    written = np.asarray(Image.open(truth["image"]), dtype=np.float32) / 65535.0
+    assert np.abs(written - expected).max() < 1e-3  # the truth is rendered in the cohort's profile
