@@ -15,7 +15,9 @@ program; every stage is skipped when its output exists, so an interrupted ablati
    both sides;
 5. evaluation of every model (configs/evaluate.json) on the target test subjects, plus the pretrained model
    without fine-tuning (LD off / LD at inference only);
-6. `results.json`, `results.md` (the table: mean ± std over seeds) and `results_oracle.png` in `output_dir`.
+6. `results.json`, `results.md` (the table: mean ± std over seeds), `results_oracle.png` (a column of the table as
+   bars) and `results_montage.png` (each model's counterfactuals of the first test scan, first seed) in
+   `output_dir`.
 """
 
 from __future__ import annotations
@@ -131,6 +133,19 @@ def plot(results: Mapping[str, Any], key: str = "oracle_mae", size: tuple[int, i
     return picture
 
 
+def montage(panels: Sequence[tuple[str, Path]], label_width: int = 230) -> Image.Image:
+    """The evaluation montages of several models stacked, each labelled on its left."""
+    pictures = [(label, Image.open(path).convert("RGB")) for label, path in panels]
+    width = label_width + max(p.width for _, p in pictures)
+    canvas = Image.new("RGB", (width, sum(p.height + 4 for _, p in pictures)), "white")
+    top = 0
+    for label, picture in pictures:
+        canvas.paste(picture, (label_width, top))
+        ImageDraw.Draw(canvas).multiline_text((6, top + 6), label.replace(", ", "\n"), fill="black")
+        top += picture.height + 4
+    return canvas
+
+
 def run_ablation(
     output_dir: str,
     modality: str,
@@ -238,6 +253,7 @@ def run_ablation(
                        "seed": seed, **finetune}, "training")  # fmt: skip
                 runs.append((f"fine-tuned {scheme}", ld, seed, folder, value, True))
     rows: dict[tuple[str, str], list[dict[str, float]]] = {}
+    pictures: list[tuple[str, Path]] = []
     for model, ld, seed, folder, value, _ in runs:
         results_dir = root / "evaluations" / f"{folder.name}_delta-{value:g}_seed-{seed}"
         stage(f"evaluate_{results_dir.name}", results_dir / "evaluation.json",
@@ -246,6 +262,8 @@ def run_ablation(
                "results_dir": str(results_dir)})  # fmt: skip
         metrics = _metrics(json.loads((results_dir / "evaluation.json").read_text()))
         rows.setdefault((model, "off" if value == 0 else ld), []).append({**metrics, "seed": seed})
+        if seed == seeds[0]:
+            pictures.append((f"{model}, LD {'off' if value == 0 else ld}", results_dir / "evaluation_montage.png"))
 
     results = {
         "settings": {"modality": modality, "image_size": size, "source_profile": source_profile,
@@ -264,5 +282,6 @@ def run_ablation(
     table = markdown_table(results)
     atomic_write(root / "results.md", lambda tmp: Path(tmp).write_text(table), ".md")
     atomic_write(root / "results_oracle.png", lambda tmp: plot(results).save(tmp, format="PNG"), ".png")
+    atomic_write(root / "results_montage.png", lambda tmp: montage(pictures).save(tmp, format="PNG"), ".png")
     print(table)
     return results
