@@ -258,6 +258,7 @@ def fit(
     learning_rate: float,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    name: str = "network",
 ) -> list[float]:
     """Adam with a cosine schedule and blur augmentation, then BatchNorm recalibration; returns the loss per epoch."""
     generator = torch.Generator().manual_seed(seed)
@@ -265,7 +266,8 @@ def fit(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs))
     history = []
     network.to(device).train()
-    for _ in range(epochs):
+    started = time.perf_counter()
+    for epoch in range(epochs):
         total = 0.0
         for index in _batches(len(images), batch_size, generator):
             batch = random_blur(images[index], generator).to(device)
@@ -276,6 +278,8 @@ def fit(
             total += float(loss.detach()) * len(index)
         schedule.step()
         history.append(total / len(images))
+        if epoch == 0 or (epoch + 1) % 5 == 0 or epoch + 1 == epochs:
+            print(f"{name}: epoch {epoch + 1}/{epochs}, loss {history[-1]:.4f}, {time.perf_counter() - started:.0f} s")
     recalibrate_batch_norm(network, images, batch_size, device)
     return history
 
@@ -293,7 +297,7 @@ def fit_predictor(
 ) -> list[float]:
     """Train the covariate predictor on encoded covariate targets (see `prediction_loss`)."""
     loss = lambda output, target: prediction_loss(encoder, output, target)  # noqa: E731
-    return fit(predictor, loss, images, targets, epochs, batch_size, learning_rate, seed, device)
+    return fit(predictor, loss, images, targets, epochs, batch_size, learning_rate, seed, device, "predictor")
 
 
 def fit_segmenter(
@@ -308,7 +312,7 @@ def fit_segmenter(
 ) -> list[float]:
     """Train the segmenter on label maps with Dice + cross-entropy."""
     loss = DiceCELoss(to_onehot_y=True, softmax=True)
-    return fit(segmenter, loss, images, labels, epochs, batch_size, learning_rate, seed, device)
+    return fit(segmenter, loss, images, labels, epochs, batch_size, learning_rate, seed, device, "segmenter")
 
 
 @torch.inference_mode()
