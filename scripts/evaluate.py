@@ -242,7 +242,7 @@ def _volumes(segmenter, spatial_dims, spacing, cf, truth_images, truth_labels, i
         for name, batch in (("counterfactual", cf), ("input", images), ("truth_image", truth_images))
     }
     exact = [E.measure(m[0].numpy(), spatial_dims, spacing) for m in truth_labels]
-    source = [E.measure(m[0].numpy(), spatial_dims, spacing) for m in E.segment(segmenter, images)]
+    source = measured["input"]
     scores: dict[str, dict[str, float]] = {}
     for key in exact[0]:
         row = {f"{name}_abs_error": float(np.mean([abs(m[key] - e[key]) for m, e in zip(values, exact)]))
