@@ -18,6 +18,7 @@ model sees; label maps must already lie on that grid (generate the cohort at the
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -469,8 +470,6 @@ def load_evaluators(
             f"evaluator folder '{folder}' lacks {missing}: train them first with configs/train_evaluators.json "
             "(same presets and overrides), or set evaluator_dir."
         )
-    import json
-
     report = json.loads((folder_path / "evaluators.json").read_text())
     if report.get("covariate_schema") != encoder.schema:
         raise ValueError(f"{folder}/evaluators.json was trained for another covariate_schema; retrain the evaluators.")
