@@ -329,13 +329,12 @@ def evaluate(
     reference = E.load_cohort_split(
         reference_datalist, reference_key, encoder, transform, image_size, False, num_reference
     )
-    images, sources = held_out["images"], held_out["targets"]
+    images = held_out["images"]
     source_conditions = torch.stack([encoder.encode(r).reshape(1, -1) for r in records]).float()
     recon = _reconstruct(network, images, batch_size, inferer.precision)
     reference_features = E.features(predictor, reference["images"])
     rows_input = E.decode_predictions(encoder, E.predict(predictor, images))
     rows_recon = E.decode_predictions(encoder, E.predict(predictor, recon))
-    del sources
 
     folder = _made(Path(output_dir))
     staged = Path(tempfile.mkdtemp(prefix=".evaluation.", dir=folder))
