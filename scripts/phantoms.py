@@ -78,6 +78,9 @@ __all__ = [
 ]
 
 MODALITIES = ("brain", "chest")
+# Brain anatomy: the procedural cartoon below, or the MNI152 template under random deformations
+# (scripts/cohort_mni152.py, needs nilearn). Both share the causal model, labels, files and oracle.
+ANATOMIES = ("phantom", "mni152")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Brain causal model
@@ -562,15 +565,29 @@ def render_brain(
         paint.paint(hippocampus, _T1["hippocampus"] * u.contrast[1], BRAIN_LABELS["hippocampus"])
 
     # --- acquisition: smooth multiplicative bias field and Rician noise -------------------------------------
+    return _acquire(paint.image, shape, spacing, u.bias_field, u.noise_sigma, u.noise_seed), paint.label
+
+
+def _acquire(
+    image: np.ndarray,
+    shape: tuple[int, ...],
+    spacing: float,
+    bias_field: Sequence[float],
+    noise_sigma: float,
+    seed: int,
+) -> np.ndarray:
+    """The brain volume as acquired: a smooth multiplicative bias field (log: a quadratic in grid-centred mm / 100,
+    coefficients x, y, z, x^2, y^2, z^2, xy, xz, yz) and Rician noise of ``noise_sigma`` drawn from ``seed``."""
+    gx, gy, gz = _grid(tuple(shape), spacing)
     bx, by, bz = (g / np.float32(100.0) for g in (gx, gy, gz))
-    c = u.bias_field
+    c = bias_field
     log_bias = c[0] * bx + c[1] * by + c[2] * bz + c[3] * bx**2 + c[4] * by**2 + c[5] * bz**2
     log_bias += c[6] * bx * by + c[7] * bx * bz + c[8] * by * bz
-    image = paint.image * np.exp(log_bias)
-    noise = np.random.default_rng(u.noise_seed).standard_normal((2, *shape), dtype=np.float32)
-    sigma = np.float32(u.noise_sigma)
+    image = image * np.exp(log_bias)
+    noise = np.random.default_rng(seed).standard_normal((2, *shape), dtype=np.float32)
+    sigma = np.float32(noise_sigma)
     image = np.sqrt((image + sigma * noise[0]) ** 2 + (sigma * noise[1]) ** 2)
-    return image.astype(np.float32), paint.label
+    return image.astype(np.float32)
 
 
 def measure_brain(label: np.ndarray, spacing: float | Sequence[float] = DEFAULT_BRAIN_SPACING) -> dict[str, float]:
@@ -853,12 +870,18 @@ def render(
     shape: Sequence[int] | None = None,
     spacing: float | None = None,
     profile: str = "standard",
+    anatomy: str = "phantom",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render ``modality`` from exogenous factors and covariates; ``shape``/``spacing`` ``None`` = defaults;
-    ``profile`` the acquisition profile (``PROFILES``), the domain of the images."""
+    ``profile`` the acquisition profile (``PROFILES``), the domain of the images; ``anatomy`` (brain only) the
+    cartoon ``"phantom"`` or the real-anatomy ``"mni152"`` (``u`` then comes from ``sample_mni152_exogenous``)."""
     modality = _check_modality(modality)
     _check_profile(modality, profile)
-    if modality == "brain":
+    if _check_anatomy(modality, anatomy) == "mni152":
+        from scripts.cohort_mni152 import render_mni152
+
+        image, label = render_mni152(u, covariates, shape=shape, spacing=spacing)  # type: ignore[arg-type]
+    elif modality == "brain":
         image, label = render_brain(u, covariates, shape=shape, spacing=spacing)  # type: ignore[arg-type]
     else:
         if spacing is not None:
@@ -871,6 +894,14 @@ def render(
 # ablation pretrains on one profile and fine-tunes on "standard"). Applied after rendering, so they are
 # deterministic and keep the label map.
 PROFILES: dict[str, tuple[str, ...]] = {"brain": ("standard", "t2"), "chest": ("standard", "portable")}
+
+
+def _check_anatomy(modality: str, anatomy: str) -> str:
+    if anatomy not in ANATOMIES:
+        raise ValueError(f"anatomy must be one of {list(ANATOMIES)}, got {anatomy!r}.")
+    if anatomy != "phantom" and modality != "brain":
+        raise ValueError(f"anatomy {anatomy!r} is a brain anatomy; leave anatomy 'phantom' for {modality}.")
+    return anatomy
 
 
 def _check_profile(modality: str, profile: str) -> str:
@@ -904,6 +935,7 @@ def counterfactual(
     shape: Sequence[int] | None = None,
     spacing: float | None = None,
     profile: str = "standard",
+    anatomy: str = "phantom",
 ) -> tuple[np.ndarray, np.ndarray]:
     """The exact counterfactual: the same subject (same U) rendered with ``covariates`` updated by ``changes``.
 
@@ -916,7 +948,8 @@ def counterfactual(
     unknown = sorted(set(changes) - set(allowed))
     if unknown:
         raise ValueError(f"changes has unknown {modality} covariates {unknown}; allowed: {list(allowed)}.")
-    return render(modality, u, {**covariates, **changes}, shape=shape, spacing=spacing, profile=profile)
+    target = {**covariates, **changes}
+    return render(modality, u, target, shape=shape, spacing=spacing, profile=profile, anatomy=anatomy)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1005,6 +1038,7 @@ def generate_cohort(
     seed: int = 0,
     val_fraction: float = 0.2,
     profile: str = "standard",
+    anatomy: str = "phantom",
 ) -> str:
     """Write a synthetic cohort with a MONAI datalist and the exogenous factors needed to re-render any subject.
 
@@ -1018,17 +1052,22 @@ def generate_cohort(
         modality: "brain" (3D T1-like MRI, longitudinal) or "chest" (2D PA radiograph).
         num_subjects: number of subjects, >= 1.
         visits_per_subject: scans per subject; ``None`` = 3 for brain (1-3 years apart), 1 for chest.
-        shape: grid; ``None`` = (64, 64, 64) for brain, (128, 128) for chest.
+        shape: grid; ``None`` = (64, 64, 64) for the brain phantom, ``cohort_mni152.default_shape(spacing)`` for
+            mni152 (a 192 x 240 x 192 mm field of view: (64, 80, 64) at 3 mm), (128, 128) for chest.
         spacing: brain voxel size in mm; ``None`` = 3.0. Must be ``None`` for chest (fixed field of view).
         seed: seed of covariates and exogenous factors; same arguments give identical files.
         val_fraction: fraction of subjects in ``validation``, in [0, 1).
         profile: acquisition profile of every image (``PROFILES``; "standard" unless studying domain shift).
+        anatomy: brain anatomy, ``ANATOMIES``: "phantom" (procedural cartoon) or "mni152" (the MNI152 template of
+            the installed nilearn under random deformations; its label map is cached in ``output_dir/template``
+            and each subject's exogenous file also holds the measured volumes of every visit).
 
     Returns:
         path of ``datalist.json``.
     """
     modality = _check_modality(modality)
     _check_profile(modality, profile)
+    _check_anatomy(modality, anatomy)
     if isinstance(num_subjects, bool) or not isinstance(num_subjects, (int, np.integer)) or num_subjects < 1:
         raise ValueError(f"num_subjects must be an integer >= 1, got {num_subjects!r}.")
     if visits_per_subject is None:
@@ -1039,42 +1078,35 @@ def generate_cohort(
         raise ValueError(f"visits_per_subject must be an integer >= 1, got {visits_per_subject!r}.")
     if not 0.0 <= float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}.")
-    if modality == "brain":
-        shape, spacing = _check_shape(shape, 3, DEFAULT_BRAIN_SHAPE), _check_spacing(spacing)
-    else:
-        if spacing is not None:
-            raise ValueError("spacing applies to brain volumes only; leave it null for chest and choose shape.")
-        shape = _check_shape(shape, 2, DEFAULT_CHEST_SHAPE)
+    if spacing is not None and modality != "brain":
+        raise ValueError("spacing applies to brain volumes only; leave it null for chest and choose shape.")
+    shape, spacing = _grid_of(modality, anatomy, shape, spacing)
     output_dir = os.path.abspath(os.fspath(output_dir))
     os.makedirs(output_dir, exist_ok=True)
+    extras = _anatomy_record(anatomy, output_dir)
 
     rng = np.random.default_rng(seed)
     subjects = [f"sub-{i + 1:04d}" for i in range(int(num_subjects))]
     records: dict[str, list[dict[str, Any]]] = {}
-    for subject in subjects:
+    progress = _progress(subjects, f"{modality} cohort ({anatomy})", int(num_subjects) * int(visits_per_subject))
+    for subject in progress:
         subject_rng = np.random.default_rng(rng.integers(0, 2**63 - 1))
-        u = sample_exogenous(modality, subject_rng)
+        u = _sample_u(modality, anatomy, subject_rng)
         sample_visits = _sample_brain_visits if modality == "brain" else _sample_chest_visits
         visits = sample_visits(subject_rng, int(visits_per_subject))
-        subject_records = []
+        subject_records, measurements = [], []
         for visit, covariates in enumerate(visits):
-            image, label = render(modality, u, covariates, shape=shape, spacing=spacing, profile=profile)
+            image, label = render(modality, u, covariates, shape, spacing, profile=profile, anatomy=anatomy)
             stem = f"{subject}_visit-{visit}"
             image_rel, label_rel = _write_pair(modality, output_dir, stem, image, label, spacing or 0.0)
             subject_records.append({"image": image_rel, "label": label_rel, "subject": subject, "visit": visit})
             subject_records[-1].update(covariates)
-        _write_json(
-            os.path.join(output_dir, "exogenous", f"{subject}.json"),
-            {
-                "modality": modality,
-                "subject": subject,
-                "shape": list(shape),
-                "spacing": spacing,
-                "exogenous": u.to_dict(),
-                "visits": visits,
-                "profile": profile,
-            },
-        )
+            measurements.append(_measure_scan(anatomy, label, spacing))
+        content = {"modality": modality, "subject": subject, "shape": list(shape), "spacing": spacing}
+        content.update({"exogenous": u.to_dict(), "visits": visits, "profile": profile})
+        if extras:
+            content.update({**extras, "measurements": measurements})
+        _write_json(os.path.join(output_dir, "exogenous", f"{subject}.json"), content)
         records[subject] = subject_records
 
     order = list(np.random.default_rng(seed + 1).permutation(len(subjects)))
@@ -1098,11 +1130,60 @@ def generate_cohort(
             "profile": profile,
             "labels": BRAIN_LABELS if modality == "brain" else CHEST_LABELS,
             "mechanisms": _mechanisms(modality),
+            **extras,
         },
     )
     datalist_path = os.path.join(output_dir, "datalist.json")
     _write_json(datalist_path, datalist)
     return datalist_path
+
+
+def _grid_of(
+    modality: str, anatomy: str, shape: Sequence[int] | None, spacing: float | None
+) -> tuple[tuple[int, ...], float | None]:
+    """Checked grid of a cohort: (shape, spacing) with the defaults of the modality and anatomy filled in."""
+    if modality == "chest":
+        return _check_shape(shape, 2, DEFAULT_CHEST_SHAPE), None
+    spacing = _check_spacing(spacing)
+    if anatomy == "mni152":
+        from scripts.cohort_mni152 import default_shape
+
+        return _check_shape(shape, 3, default_shape(spacing)), spacing
+    return _check_shape(shape, 3, DEFAULT_BRAIN_SHAPE), spacing
+
+
+def _anatomy_record(anatomy: str, cohort_dir: str, write_cache: bool = True) -> dict[str, Any]:
+    """Keys the exogenous and cohort files add for a real anatomy: its name and the hash of its label map (derived
+    once and cached under ``cohort_dir/template``); empty for the phantom, whose files stay as they were."""
+    if anatomy == "phantom":
+        return {}
+    from scripts.mni152_template import load_template
+
+    template = load_template(cohort_dir, write_cache=write_cache)
+    return {"anatomy": anatomy, "template_sha256": template.sha256}
+
+
+def _sample_u(modality: str, anatomy: str, rng: np.random.Generator) -> Any:
+    if anatomy == "mni152":
+        from scripts.cohort_mni152 import sample_mni152_exogenous
+
+        return sample_mni152_exogenous(rng)
+    return sample_exogenous(modality, rng)
+
+
+def _measure_scan(anatomy: str, label: np.ndarray, spacing: float | None) -> dict[str, float]:
+    if anatomy != "mni152":
+        return {}
+    from scripts.cohort_mni152 import measure_mni152
+
+    return measure_mni152(label, float(spacing))
+
+
+def _progress(items: Sequence[str], description: str, renders: int):
+    """``items`` wrapped in a tqdm progress bar on stderr when the run is long enough to want one (>= 30 scans)."""
+    from tqdm import tqdm
+
+    return tqdm(items, desc=description, unit="subject", disable=renders < 30)
 
 
 def write_subject(
@@ -1114,31 +1195,25 @@ def write_subject(
     shape: Sequence[int] | None = None,
     spacing: float | None = None,
     profile: str = "standard",
+    anatomy: str = "phantom",
 ) -> dict[str, Any]:
     """Render one subject with the given covariates (U drawn from ``seed``) in the cohort layout, so that
-    ``load_subject`` and ``write_counterfactual_truth`` work on ``output_dir``. Returns the datalist-style record."""
+    ``load_subject`` and ``write_counterfactual_truth`` work on ``output_dir``. Returns the datalist-style record.
+    A real ``anatomy`` records its template hash but writes no template cache (a shipped sample stays small)."""
     modality = _check_modality(modality)
-    u = sample_exogenous(modality, np.random.default_rng(seed))
+    _check_anatomy(modality, anatomy)
+    u = _sample_u(modality, anatomy, np.random.default_rng(seed))
     covariates = check_brain_covariates(covariates) if modality == "brain" else check_chest_covariates(covariates)
-    if modality == "brain":
-        shape, spacing = _check_shape(shape, 3, DEFAULT_BRAIN_SHAPE), _check_spacing(spacing)
-    else:
-        shape, spacing = _check_shape(shape, 2, DEFAULT_CHEST_SHAPE), None
-    image, label = render(modality, u, covariates, shape=shape, spacing=spacing, profile=profile)
+    shape, spacing = _grid_of(modality, anatomy, shape, spacing)
     folder = os.path.abspath(os.fspath(output_dir))
+    extras = _anatomy_record(anatomy, folder, write_cache=False)
+    image, label = render(modality, u, covariates, shape=shape, spacing=spacing, profile=profile, anatomy=anatomy)
     image_rel, label_rel = _write_pair(modality, folder, f"{subject}_visit-0", image, label, spacing or 0.0)
-    _write_json(
-        os.path.join(folder, "exogenous", f"{subject}.json"),
-        {
-            "modality": modality,
-            "subject": subject,
-            "shape": list(shape),
-            "spacing": spacing,
-            "exogenous": u.to_dict(),
-            "visits": [dict(covariates)],
-            "profile": profile,
-        },
-    )
+    content = {"modality": modality, "subject": subject, "shape": list(shape), "spacing": spacing}
+    content.update({"exogenous": u.to_dict(), "visits": [dict(covariates)], "profile": profile})
+    if extras:
+        content.update({**extras, "measurements": [_measure_scan(anatomy, label, spacing)]})
+    _write_json(os.path.join(folder, "exogenous", f"{subject}.json"), content)
     return {"image": image_rel, "label": label_rel, "subject": subject, "visit": 0, **covariates}
 
 
@@ -1162,14 +1237,19 @@ def _mechanisms(modality: str) -> dict[str, Any]:
 
 
 def load_subject(cohort_dir: str | os.PathLike, subject: str) -> dict[str, Any]:
-    """Exogenous factors and visits of one cohort subject: ``{"modality", "u", "visits", "shape", "spacing"}``."""
+    """Exogenous factors and visits of one cohort subject: ``{"modality", "u", "visits", "shape", "spacing",
+    "profile", "anatomy", "template_sha256"}`` (the last ``None`` for the phantom)."""
     path = os.path.join(os.fspath(cohort_dir), "exogenous", f"{subject}.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"subject {subject!r} not found: no exogenous file '{path}'.")
     with open(path, encoding="utf-8") as f:
         content = json.load(f)
     modality = _check_modality(content["modality"])
-    cls = BrainExogenous if modality == "brain" else ChestExogenous
+    anatomy = _check_anatomy(modality, content.get("anatomy", "phantom"))
+    if anatomy == "mni152":
+        from scripts.cohort_mni152 import Mni152Exogenous as cls
+    else:
+        cls = BrainExogenous if modality == "brain" else ChestExogenous
     return {
         "modality": modality,
         "u": cls.from_dict(content["exogenous"]),
@@ -1177,7 +1257,25 @@ def load_subject(cohort_dir: str | os.PathLike, subject: str) -> dict[str, Any]:
         "shape": tuple(content["shape"]),
         "spacing": content["spacing"],
         "profile": content.get("profile", "standard"),
+        "anatomy": anatomy,
+        "template_sha256": content.get("template_sha256"),
     }
+
+
+def _check_template(cohort_dir: str | os.PathLike, subject: str, subject_info: Mapping[str, Any]) -> None:
+    """A real-anatomy subject re-renders only from the template labels it was generated with."""
+    if subject_info["anatomy"] == "phantom":
+        return
+    recorded = subject_info["template_sha256"]
+    current = _anatomy_record(subject_info["anatomy"], os.fspath(cohort_dir), write_cache=False)["template_sha256"]
+    if recorded != current:
+        from scripts.mni152_template import NILEARN_PIN
+
+        raise ValueError(
+            f"{cohort_dir}/exogenous/{subject}.json was rendered from template labels sha256 {recorded}, but this "
+            f"installation gives {current} (another nilearn or scripts/mni152_template.py): install {NILEARN_PIN} "
+            "or regenerate the cohort."
+        )
 
 
 def write_counterfactual_truth(
@@ -1197,18 +1295,19 @@ def write_counterfactual_truth(
     visits = subject_info["visits"]
     if isinstance(visit, bool) or not isinstance(visit, (int, np.integer)) or not 0 <= visit < len(visits):
         raise ValueError(f"visit must be an integer in [0, {len(visits) - 1}] for {subject}, got {visit!r}.")
-    modality, u = subject_info["modality"], subject_info["u"]
+    modality, u, anatomy = subject_info["modality"], subject_info["u"], subject_info["anatomy"]
+    _check_template(cohort_dir, subject, subject_info)
     factual = dict(visits[visit])
     spacing = subject_info["spacing"]
-    image, label = counterfactual(
-        modality, u, factual, changes, shape=subject_info["shape"], spacing=spacing, profile=subject_info["profile"]
-    )
+    grid = {"shape": subject_info["shape"], "spacing": spacing, "profile": subject_info["profile"]}
+    image, label = counterfactual(modality, u, factual, changes, **grid, anatomy=anatomy)
     target = {**factual, **changes}
     tag = "_".join(f"{k}-{v}" for k, v in sorted(changes.items())) or "none"
     stem = f"{subject}_visit-{visit}_cf-{tag}"
     folder = os.path.abspath(os.fspath(output_dir or os.path.join(os.fspath(cohort_dir), "counterfactuals")))
     image_rel, label_rel = _write_pair(modality, folder, stem, image, label, spacing or 0.0)
     measure = measure_brain(label, spacing) if modality == "brain" else measure_chest(label)
+    measure.update(_measure_scan(anatomy, label, spacing))
     summary = {
         "subject": subject,
         "visit": int(visit),
