@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+from scipy.interpolate import PchipInterpolator
 
 from scripts import phantoms
 from scripts.mni152_template import LABELS, Mni152Template, load_template
@@ -149,8 +150,11 @@ class _StructureEffect:
     ratios: np.ndarray  # structure volume under exp(alpha * velocity) over the template's, increasing
 
     def alpha(self, ratio: float) -> float:
-        """Amplitude that brings the structure to ``ratio`` times its template volume (clipped to the table)."""
-        return float(np.interp(math.log(ratio), np.log(self.ratios), self.alphas))
+        """Amplitude that brings the structure to ``ratio`` times its template volume: monotone cubic interpolation
+        of the table in log volume, clipped to the table's range."""
+        log_ratios = np.log(self.ratios)
+        log_ratio = min(max(math.log(ratio), log_ratios[0]), log_ratios[-1])
+        return float(PchipInterpolator(log_ratios, self.alphas)(log_ratio))
 
     def displacement(self, alpha: float) -> np.ndarray:
         return _exponential(np.float32(alpha) * self.velocity, FIELD_SPACING_MM)
@@ -170,11 +174,21 @@ def _gradient_velocity(mask: np.ndarray, sigma: float, step: int) -> np.ndarray:
     return velocity / np.float32(np.sqrt((velocity**2).sum(axis=0)).max())
 
 
-def _structure_effect(template: Mni152Template, value: int, sigma: float, alphas: Sequence[float]) -> _StructureEffect:
-    """Velocity field of one label and its volume table, measured on the 1 mm template inside the field's box."""
+def _fade(masks: np.ndarray, step: int, dilation: int = 4) -> np.ndarray:
+    """1 far from ``masks``, falling smoothly to 0 within ``dilation`` mm of them, on every ``step``-th voxel."""
+    near = ndimage.binary_dilation(masks, iterations=dilation).astype(np.float32)
+    return 1.0 - np.clip(2.0 * ndimage.gaussian_filter(near, 2.0)[::step, ::step, ::step], 0.0, 1.0)
+
+
+def _structure_effect(
+    template: Mni152Template, value: int, sigma: float, alphas: Sequence[float], spare: int
+) -> _StructureEffect:
+    """Velocity field of one label (faded out near the label ``spare``, whose volume has its own law) and its volume
+    table, measured on the 1 mm template inside the field's box."""
     region = _box(template.label == value, 4.0 * sigma + 12.0)
     step = int(FIELD_SPACING_MM)
     velocity = _gradient_velocity(template.label[region] == value, sigma, step)
+    velocity *= _fade(template.label[region] == spare, step)
     lo = np.array([s.start for s in region], np.float32) + np.array(template.origin, np.float32)
     # Only voxels the flow can reach change label: those within the blurred mask's support.
     support = ndimage.gaussian_filter((template.label[region] == value).astype(np.float32), sigma) > 1e-4
@@ -185,7 +199,7 @@ def _structure_effect(template: Mni152Template, value: int, sigma: float, alphas
     for alpha in alphas:
         moved = points + _sample_field(effect.displacement(alpha), lo, FIELD_SPACING_MM, points)
         ratios.append(float((_label_at(template, moved) == value).sum()) / base)
-    ratios = np.maximum.accumulate(np.asarray(ratios))
+    ratios = np.maximum.accumulate(np.asarray(ratios)) * (1.0 + 1e-9 * np.arange(len(ratios)))  # strictly increasing
     return _StructureEffect(lo, velocity, np.asarray(alphas, np.float64), ratios)
 
 
@@ -197,8 +211,7 @@ def _cortex_displacement(template: Mni152Template) -> tuple[np.ndarray, np.ndarr
     outer = (label == LABELS["background"]) | ((label == LABELS["csf"]) & (depth < 10.0))
     step = int(FIELD_SPACING_MM)
     displacement = _gradient_velocity(outer, 1.5, step)
-    deep = ndimage.binary_dilation(np.isin(label, [LABELS["ventricles"], LABELS["hippocampus"]]), iterations=4)
-    fade = 1.0 - np.clip(ndimage.gaussian_filter(deep.astype(np.float32), 2.0)[::step, ::step, ::step] * 2.0, 0, 1)
+    fade = _fade(np.isin(label, [LABELS["ventricles"], LABELS["hippocampus"]]), step)
     return displacement * fade, np.array(template.origin, np.float32)
 
 
@@ -206,8 +219,12 @@ def _cortex_displacement(template: Mni152Template) -> tuple[np.ndarray, np.ndarr
 def _effects(template: Mni152Template) -> dict[str, Any]:
     """The covariate effects of ``template`` (about 20 s once per process)."""
     return {
-        "ventricles": _structure_effect(template, LABELS["ventricles"], 5.0, np.linspace(-6.0, 30.0, 13)),
-        "hippocampus": _structure_effect(template, LABELS["hippocampus"], 3.0, np.linspace(-10.0, 3.0, 14)),
+        "ventricles": _structure_effect(
+            template, LABELS["ventricles"], 5.0, np.linspace(-6.0, 30.0, 13), LABELS["hippocampus"]
+        ),
+        "hippocampus": _structure_effect(
+            template, LABELS["hippocampus"], 3.0, np.linspace(-10.0, 3.0, 14), LABELS["ventricles"]
+        ),
         "cortex": _cortex_displacement(template),
     }
 
