@@ -19,6 +19,7 @@ from monai.transforms import LoadImage, MapTransform
 from PIL import Image
 
 from scripts.data import load_datalist
+from scripts.ood import out_of_distribution
 from scripts.transforms import CovariateEncoder
 
 TARGET_PREFIX = "target_"
@@ -46,6 +47,8 @@ def counterfactual_records(
     datalist_key: str = "test",
     results_dir: str | None = None,
     spatial_dims: int | None = None,
+    keep_mask: str | None = None,
+    edit_mask: str | None = None,
 ) -> list[dict[str, Any]]:
     """
     The inputs of a counterfactual run, checked before any compute: every record of `datalist[datalist_key]` when a
@@ -53,7 +56,9 @@ def counterfactual_records(
     source), otherwise the one `image` with its `source` covariates and the `target` changes (covariates not named
     in `target` keep their source value). `results_dir`, if given, must be creatable and writable. With
     `spatial_dims`, every image is also read once to check that it is a readable 2D image or 3D volume as the
-    model needs (`check_image`).
+    model needs (`check_image`). Optional user masks, `keep_mask` (the output keeps the input there) and
+    `edit_mask` (the change applies only there), come from the record's keys of those names or, for the single
+    `image`, from the arguments; each must be a binary image with the input's shape (and affine, for NIfTI).
     """
     if results_dir is not None:
         _check_writable(Path(results_dir))
@@ -63,7 +68,8 @@ def counterfactual_records(
     elif image:
         if not Path(image).is_file():
             raise FileNotFoundError(f"image: no file at {image!r}.")
-        records = [{"image": str(image), **_as_mapping(source, "source")}]
+        masks = {key: str(path) for key, path in (("keep_mask", keep_mask), ("edit_mask", edit_mask)) if path}
+        records = [{"image": str(image), **masks, **_as_mapping(source, "source")}]
     else:
         raise ValueError("nothing to do: set 'image' (with 'source' and 'target') or 'input_datalist'.")
     unknown = sorted(set(target) - set(encoder.schema))
@@ -77,6 +83,9 @@ def counterfactual_records(
         encoder.encode(record, source=f"{where}, source covariates")
         if spatial_dims is not None:
             check_image(str(record["image"]), spatial_dims, where)
+        for key in ("keep_mask", "edit_mask"):
+            if record.get(key):
+                check_mask(str(record[key]), str(record["image"]), f"{where}, {key}")
         changes = {
             name: record.get(TARGET_PREFIX + name, target.get(name, record.get(name))) for name in encoder.schema
         }
@@ -134,6 +143,28 @@ def check_image(path: str, spatial_dims: int, where: str = "image") -> tuple[int
     return spatial
 
 
+def check_mask(path: str, image_path: str, where: str = "mask") -> None:
+    """A user mask must be a readable binary image (two values at most, one of them 0) on the input's grid."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{where}: no mask file at {path!r}.")
+    try:
+        mask, image = LoadImage(image_only=True)(path), LoadImage(image_only=True)(image_path)
+    except Exception as error:  # every reader has its own exception types
+        raise ValueError(f"{where}: cannot read {path!r} as an image ({type(error).__name__}).") from None
+    if tuple(mask.shape) != tuple(image.shape):
+        raise ValueError(f"{where}: {path} has shape {tuple(mask.shape)}, the input {tuple(image.shape)}; give a mask "
+                         "on the input's own grid.")  # fmt: skip
+    affine, image_affine = mask.meta.get("affine"), image.meta.get("affine")
+    if path.lower().endswith(NIFTI_SUFFIXES) and not np.allclose(
+        np.asarray(affine), np.asarray(image_affine), atol=1e-3
+    ):
+        raise ValueError(f"{where}: {path} has another affine than the input; resample the mask onto the input's grid.")
+    values = torch.unique(torch.as_tensor(mask))
+    if len(values) > 2 or (len(values) == 2 and float(values[0]) != 0) or not bool((values >= 0).all()):
+        shown = [round(float(v), 3) for v in values[:4]]
+        raise ValueError(f"{where}: {path} is not binary (values {shown}...); give 0 outside, one value inside.")
+
+
 def _check_writable(folder: Path) -> None:
     """The folder, or the nearest existing folder above it, must accept new files; nothing is created here."""
     existing = folder.resolve()
@@ -180,11 +211,19 @@ def _atomic_copy_into(folder: Path, staged: Path) -> None:
 
 class WriteCounterfactuald(MapTransform):
     """
-    Writes one counterfactual's outputs: all are written into a hidden temporary folder first, then each is renamed
-    into place, so a failure before the last write leaves nothing behind and no file is ever seen half written:
-    `<name>_counterfactual` (NIfTI with the input's affine and shape in 3D, PNG in 2D), `<name>_difference`
-    (counterfactual minus input, signed), `<name>_std` when several samples were drawn, `<name>_montage.png`
-    (input | counterfactual | difference, mid slices in 3D) and `<name>_record.json` (inputs and parameters).
+    Composes and writes one counterfactual, on the input's own grid and intensity scale.
+
+    The inferer's change (D(z_cf) - D(base), already carried back through the inverse preprocessing) is added to
+    the original input inside the edit mask: the automatic mask (if the inferer made one) times the record's
+    optional `edit_mask` file, times one minus its optional `keep_mask` file; outside it the output is the input,
+    voxel for voxel. With composition "none" the raw decode replaces the input inside the mask.
+
+    Outputs, written into a hidden temporary folder first and then renamed into place (a failure before the last
+    write leaves nothing behind): `<name>_counterfactual` (NIfTI with the input's affine and shape in 3D, PNG in 2D),
+    `<name>_difference` (counterfactual minus input, signed), `<name>_mask` (the edit mask applied),
+    `<name>_std` when several samples were drawn, `<name>_montage.png` (input | counterfactual | difference | mask,
+    mid slices in 3D) and `<name>_record.json` (inputs, parameters, the drift actually used, the weights' sha256 and
+    the out-of-distribution check).
     """
 
     def __init__(
@@ -192,51 +231,88 @@ class WriteCounterfactuald(MapTransform):
         output_dir: str,
         encoder: CovariateEncoder,
         parameters: Mapping[str, Any] | None = None,
-        counterfactual_key: str = "pred_counterfactual",
-        std_key: str = "pred_std",
+        composition: str = "reference",
+        inferer: Any = None,
+        network: Any = None,
+        prefix: str = "pred_",
         write_std: bool = False,
     ) -> None:
-        super().__init__(keys=[counterfactual_key], allow_missing_keys=False)
+        super().__init__(keys=[prefix + "counterfactual"], allow_missing_keys=False)
         self.output_dir, self.encoder, self.parameters = Path(output_dir), encoder, dict(parameters or {})
-        self.counterfactual_key, self.std_key, self.write_std = counterfactual_key, std_key, write_std
+        self.composition, self.inferer, self.network = composition, inferer, network
+        self.prefix, self.write_std = prefix, write_std
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         source_path = _filename(d["image"])
         low, high = d["image"].meta["intensity_range"]
-        original = LoadImage(image_only=True, ensure_channel_first=True)(source_path).float()
-        original = original.mean(0, keepdim=True) if original.shape[0] in (3, 4) else original
-        counterfactual = d[self.counterfactual_key].float() * (high - low) + low
-        if tuple(counterfactual.shape[1:]) != tuple(original.shape[1:]):
-            raise RuntimeError(
-                f"{source_path}: output shape {tuple(counterfactual.shape)} != input {tuple(original.shape)}."
-            )
-        difference = counterfactual - original
+        original = load_original(source_path)
+        mask = self._mask(d, original)
+        if self.composition == "none":
+            change = self._on_input_grid(d, "counterfactual", source_path, original) * (high - low) + low - original
+        else:
+            change = self._on_input_grid(d, "change", source_path, original) * (high - low)
+        counterfactual = torch.where(mask > 0, original + mask * change, original)
         name = _stem(source_path)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         staged = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.output_dir))
         try:
-            outputs = {"counterfactual": counterfactual, "difference": difference}
+            outputs = {"counterfactual": counterfactual, "difference": counterfactual - original, "mask": mask}
             if self.write_std:
-                outputs["std"] = d[self.std_key].float() * (high - low)
+                outputs["std"] = self._on_input_grid(d, "std", source_path, original) * (high - low)
             files = {kind: self._write_image(staged, f"{name}_{kind}", array, original, (low, high), kind)
                      for kind, array in outputs.items()}  # fmt: skip
             files["montage"] = write_montage(
-                staged / f"{name}_montage.png", original, counterfactual, difference, (low, high)
+                staged / f"{name}_montage.png", original, counterfactual, outputs["difference"], (low, high), mask
             )
-            record = {
-                "input": source_path,
-                "source": {k: _plain(d.get(k)) for k in self.encoder.schema},
-                "target": {k: _plain(d.get(TARGET_PREFIX + k)) for k in self.encoder.schema},
-                "parameters": self.parameters,
-                "outputs": {kind: str((self.output_dir / Path(path).name).resolve()) for kind, path in files.items()},
-            }
+            record = self._record(d, source_path, files)
             (staged / f"{name}_record.json").write_text(json.dumps(record, indent=4))
             _atomic_copy_into(self.output_dir, staged)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         d["output_record"] = str((self.output_dir / f"{name}_record.json").resolve())
         return d
+
+    def _on_input_grid(self, d: Mapping, kind: str, source_path: str, original: torch.Tensor) -> torch.Tensor:
+        array = torch.as_tensor(d[self.prefix + kind]).float()
+        if tuple(array.shape[1:]) != tuple(original.shape[1:]):
+            raise RuntimeError(f"{source_path}: output shape {tuple(array.shape)} != input {tuple(original.shape)}.")
+        return array
+
+    def _mask(self, d: Mapping, original: torch.Tensor) -> torch.Tensor:
+        """The automatic mask (ones without one) times the user's edit mask, times one minus the keep mask."""
+        key = self.prefix + "edit_mask"
+        mask = torch.ones_like(original)
+        if key in d and d[key] is not None:
+            mask = torch.as_tensor(d[key]).float().clamp(0, 1)
+            mask = torch.where(mask < 0.01, torch.zeros_like(mask), mask)  # interpolation leaves tiny values
+        if d.get("edit_mask"):
+            mask = mask * (load_original(str(d["edit_mask"])) > 0).float()
+        if d.get("keep_mask"):
+            mask = mask * (load_original(str(d["keep_mask"])) <= 0).float()
+        return mask
+
+    def _record(self, d: Mapping, source_path: str, files: Mapping[str, str]) -> dict[str, Any]:
+        parameters = {**self.parameters, "composition": self.composition}
+        for key in ("edit_mask", "keep_mask"):
+            parameters[key] = str(d[key]) if d.get(key) else None
+        record = {
+            "input": source_path,
+            "source": {k: _plain(d.get(k)) for k in self.encoder.schema},
+            "target": {k: _plain(d.get(TARGET_PREFIX + k)) for k in self.encoder.schema},
+            "parameters": parameters,
+            "outputs": {kind: str((self.output_dir / Path(path).name).resolve()) for kind, path in files.items()},
+        }
+        if self.inferer is not None and self.network is not None:
+            record["drift"] = self.inferer.describe_drift(self.network)
+        if self.network is not None:
+            info = getattr(self.network, "weights_info", None) or {}
+            record["weights"] = {"path": info.get("path"), "sha256": info.get("sha256")}
+            error = d.get(self.prefix + "reconstruction_error")
+            record["out_of_distribution"] = out_of_distribution(
+                info.get("metadata"), None if error is None else float(error), source_path
+            )
+        return record
 
     @staticmethod
     def _write_image(folder: Path, stem: str, array: torch.Tensor, original: Any, window: tuple, kind: str) -> str:
@@ -257,10 +333,18 @@ class WriteCounterfactuald(MapTransform):
             picture = np.clip(np.round(values), 0, top).astype(np.uint16 if top > 255 else np.uint8)
         elif kind == "difference":
             picture = _diverging(values, (high - low) / 2)
+        elif kind == "mask":
+            picture = (np.clip(values, 0, 1) * 255).astype(np.uint8)
         else:  # std, scaled to the input's intensity window
             picture = (np.clip(values / (high - low), 0, 1) * 255).astype(np.uint8)
         Image.fromarray(picture).save(path)
         return str(path)
+
+
+def load_original(path: str) -> torch.Tensor:
+    """The file as the user gave it, channel first, gray (RGB/RGBA pictures averaged), float32."""
+    original = LoadImage(image_only=True, ensure_channel_first=True)(path).float()
+    return original.mean(0, keepdim=True) if original.shape[0] in (3, 4) else original
 
 
 def _plain(value: Any) -> Any:
@@ -293,17 +377,24 @@ def _views(volume: np.ndarray) -> list[np.ndarray]:
 
 
 def write_montage(
-    path: Path, original: torch.Tensor, counterfactual: torch.Tensor, difference: torch.Tensor, window: Sequence[float]
+    path: Path,
+    original: torch.Tensor,
+    counterfactual: torch.Tensor,
+    difference: torch.Tensor,
+    window: Sequence[float],
+    mask: torch.Tensor | None = None,
 ) -> str:
-    """A PNG for people: rows = views (3 mid slices in 3D), columns = input | counterfactual | difference."""
+    """
+    A PNG for people: rows = views (3 mid slices in 3D), columns = input | counterfactual | difference (blue darker,
+    red brighter, saturating at a quarter of the intensity window) | edit mask (if given).
+    """
     low, high = window
+    volumes = [original, counterfactual, difference] + ([mask] if mask is not None else [])
     rows = []
-    for source_view, result_view, difference_view in zip(
-        _views(original[0].numpy()), _views(counterfactual[0].numpy()), _views(difference[0].numpy())
-    ):
-        gray = [np.clip((v - low) / (high - low), 0, 1) for v in (source_view, result_view)]
+    for views in zip(*(_views(volume[0].numpy()) for volume in volumes)):
+        gray = [np.clip((v - low) / (high - low), 0, 1) for v in views[:2]] + [np.clip(v, 0, 1) for v in views[3:]]
         panels = [np.repeat((g * 255).astype(np.uint8)[..., None], 3, -1) for g in gray]
-        panels.append(_diverging(difference_view, 0.5 * (high - low)))
+        panels.insert(2, _diverging(views[2], 0.25 * (high - low)))
         height = max(p.shape[0] for p in panels)
         panels = [np.pad(p, ((0, height - p.shape[0]), (0, 2), (0, 0))) for p in panels]
         rows.append(np.concatenate(panels, 1))
@@ -355,6 +446,7 @@ def write_samples(
         scheduler,
         noise,
         condition.expand(num_samples, 1, -1).to(device),
+        drift=model.drift,
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
         null_condition=encoder.null().to(device),

@@ -106,8 +106,9 @@ def find_delta(
         for start in range(0, len(real), batch_size):
             chunk = slice(start, start + batch_size)
             latents = sample_latents(
-                model, scheduler, noise[chunk].to(device), conditions[chunk].to(device), num_inference_steps,
-                guidance_scale, encoder.null().to(device), drift, precision,
+                model, scheduler, noise[chunk].to(device), conditions[chunk].to(device), drift=drift,
+                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                null_condition=encoder.null().to(device), precision=precision,
             )  # fmt: skip
             images.append(model.decode(latents).float().clamp(0, 1).cpu())
         generated = torch.cat(images)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,9 @@ from torch import nn
 from scripts.data import as_flag
 from scripts.files import atomic_write, atomic_write_json
 from scripts.inferers import precision_context, sample_latents
-from scripts.networks import LatentDriftModel, load_weights
+from scripts.networks import LatentDriftModel
 from scripts.transforms import CovariateEncoder, DriftNoised
+from scripts.weights import load_weights, save_weights
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +260,8 @@ class TrainingCheckpoint:
     Handler: saves {name: state_dict} of `save_dict` (network, optimizers, trainer...) atomically to
     `<checkpoint_dir>/checkpoint_last.pt` every `save_every_epochs` epochs and at the end, writes the final network
     weights to `final_path` (strict keys), resumes from the last checkpoint when training starts (if `resume`), and
-    otherwise can fine-tune from the model weights in `finetune_from`.
+    otherwise can fine-tune from the model weights in `finetune_from`. The final weights are written in the bundle's
+    weights format (scripts/weights.py) with `final_metadata` (a dict, or a callable evaluated when training ends).
     """
 
     def __init__(
@@ -272,6 +274,7 @@ class TrainingCheckpoint:
         resume: bool = True,
         finetune_from: str | None = None,
         write: bool = True,
+        final_metadata: Callable[[], Mapping[str, Any]] | Mapping[str, Any] | None = None,
     ) -> None:
         if finetune_from and not Path(finetune_from).is_file():
             raise FileNotFoundError(f"finetune_from: no checkpoint file at {finetune_from!r}.")
@@ -280,6 +283,7 @@ class TrainingCheckpoint:
         self.save_every_epochs, self.finetune_from = save_every_epochs, finetune_from
         self.resume = as_flag(resume, "resume")
         self.write = as_flag(write, "write")  # False on every rank but 0 in multi-process training: load, never save
+        self.final_metadata = final_metadata
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.load)
@@ -311,7 +315,8 @@ class TrainingCheckpoint:
     def save_final(self, engine: Engine) -> None:
         self.save(engine)
         if self.final_path and self.write:
-            atomic_save(self.save_dict[self.final_key].state_dict(), self.final_path)
+            metadata = self.final_metadata() if callable(self.final_metadata) else self.final_metadata
+            save_weights(self.final_path, self.save_dict[self.final_key], metadata)
             logger.info(f"saved final weights to {self.final_path}")
 
 
@@ -366,6 +371,7 @@ class SampleImages:
             self.scheduler,
             noise,
             self.conditions.to(device),
+            drift=self.model.drift,
             num_inference_steps=self.steps,
             guidance_scale=self.guidance_scale,
             null_condition=self.null.to(device),

@@ -26,6 +26,7 @@ tables), `evaluation_montage.png` (input | counterfactual | truth | cf - x | x* 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -45,7 +46,7 @@ from scripts import evaluators as E
 from scripts import phantoms
 from scripts.counterfactual import _atomic_copy_into, _diverging, _made, _views
 from scripts.data import load_datalist
-from scripts.inferers import CounterfactualInferer, precision_context, sample_latents
+from scripts.inferers import CounterfactualInferer, compose, edit_mask, precision_context, sample_latents
 from scripts.transforms import CovariateEncoder
 
 MS_SSIM_KERNEL = 7
@@ -175,16 +176,156 @@ def _check_cohort(cohort_dir: str, records: Sequence[Mapping], datalist: str) ->
             )
 
 
-def _run_counterfactuals(inferer, network, images, source, target, batch_size: int) -> torch.Tensor:
+def _run_counterfactuals(inferer, network, images, source, target, batch_size: int, parts: bool = False):
+    """
+    The inferer's counterfactuals of `images` on the network grid, composed as it is configured (`compose`);
+    with `parts`, the dict of every part of the chains (counterfactual, reference, change, edit_mask...) instead.
+    """
     device = next(network.parameters()).device
-    out = []
+    out: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(images), batch_size):
         chunk = slice(start, start + batch_size)
         result = inferer.counterfactual(
             images[chunk].to(device), network, source[chunk].to(device), target[chunk].to(device)
         )
-        out.append(result["counterfactual"].float().clamp(0, 1).cpu())
-    return torch.cat(out)
+        mask = result["edit_mask"] if inferer.auto_mask else None
+        result["composed"] = compose(images[chunk].to(device), result["counterfactual"], result["change"], mask,
+                                     inferer.composition)  # fmt: skip
+        for key, value in result.items():
+            out.setdefault(key, []).append(value.float().cpu())
+    joined = {key: torch.cat(values) for key, values in out.items()}
+    return joined if parts else joined["composed"].clamp(0, 1)
+
+
+COMPOSITION_VARIANTS = (
+    ("none", False), ("reconstruction", False), ("reference", False), ("reconstruction", True), ("reference", True),
+)  # fmt: skip
+
+
+def score_compositions(
+    inferer: CounterfactualInferer,
+    network: Any,
+    images: torch.Tensor,
+    source: torch.Tensor,
+    target: torch.Tensor,
+    truth: torch.Tensor,
+    batch_size: int = 8,
+    mask_thresholds: Sequence[float] = (),
+) -> dict[str, dict[str, float]]:
+    """
+    Every composition (none / reconstruction / reference, each without and with the automatic mask, the mask at
+    the inferer's threshold and at each of `mask_thresholds`) from one run of the chains, against the oracle:
+    MAE to the truth, gain over doing nothing 1 - MAE(cf, truth) / MAE(x, truth), MAE to the input where the
+    oracle changes nothing, the share of the true change reached where it changes (sum of (cf - x) sign(x* - x)
+    over sum of |x* - x|), and the mask's Dice with the oracle's change region.
+    """
+    chains = copy.copy(inferer)
+    chains.composition, chains.auto_mask = "reference", True
+    parts = _run_counterfactuals(chains, network, images, source, target, batch_size, parts=True)
+    references = parts["counterfactual"] - parts["change"]
+    reference_change = (references - parts["reconstruction"]).abs()
+    masks = {inferer.mask_threshold: parts["edit_mask"]}
+    for threshold in mask_thresholds:
+        masks[float(threshold)] = edit_mask(parts["change"], reference_change, threshold, inferer.mask_smoothing)
+    changed = (truth - images).abs() > UNCHANGED_TOLERANCE
+    table = {}
+    for composition, masked in COMPOSITION_VARIANTS:
+        for threshold, mask in masks.items() if masked else [(None, None)]:
+            change = {"none": parts["counterfactual"] - images, "reconstruction": parts["counterfactual"] -
+                      parts["reconstruction"], "reference": parts["change"]}[composition]  # fmt: skip
+            output = compose(images, parts["counterfactual"], change, mask, composition).clamp(0, 1)
+            name = composition + ("" if threshold is None else f"+mask@{threshold:g}")
+            table[name] = _oracle_scores(output, images, truth, changed, mask)
+    return table
+
+
+def compare_compositions(
+    network: Any,
+    inferer: CounterfactualInferer,
+    encoder: CovariateEncoder,
+    transform: Callable[[dict], dict],
+    datalist: str,
+    datalist_key: str,
+    cohort_dir: str,
+    interventions: Sequence[Mapping[str, Any]],
+    image_size: Sequence[int],
+    output_dir: str,
+    num_records: int = 16,
+    batch_size: int = 8,
+    mask_thresholds: Sequence[float] = (1.0, 2.0, 3.0, 4.0, 6.0),
+    min_share_kept: float = 0.9,
+) -> dict[str, Any]:
+    """
+    The composition table of `score_compositions` for each intervention over `datalist[datalist_key]`, and the
+    recommended setting: the highest mean gain over doing nothing among the variants that keep at least
+    `min_share_kept` of the share of the true change that the raw decode ("none") reaches. Run it on a validation
+    split to choose `composition` / `mask_threshold`, then score held-out scans with the chosen values.
+    Writes compositions.json and compositions.md into `output_dir` (all or nothing, no evaluator needed).
+    """
+    started = time.perf_counter()
+    records = load_datalist(datalist, datalist_key)[:num_records]
+    if len(records) < 2:
+        raise ValueError(f"{datalist}: '{datalist_key}' has {len(records)} record(s); the comparison needs 2 or more.")
+    _check_cohort(cohort_dir, records, datalist)
+    images = E.load_cohort_split(datalist, datalist_key, encoder, transform, image_size, False, num_records)["images"]
+    source = torch.stack([encoder.encode(r).reshape(1, -1) for r in records]).float()
+    folder = _made(Path(output_dir))
+    staged = Path(tempfile.mkdtemp(prefix=".compositions.", dir=folder))
+    try:
+        tables = {}
+        for spec in interventions:
+            targets = [apply_intervention(encoder, r, spec) for r in records]
+            truth = torch.stack([_load_truth(cohort_dir, r, _changes(encoder, r, t), transform, staged / "truth",
+                                             image_size)[0] for r, t in zip(records, targets)])  # fmt: skip
+            target = torch.stack([encoder.encode(t).reshape(1, -1) for t in targets]).float()
+            tables[_tag(spec)] = score_compositions(
+                inferer, network, images, source, target, truth, batch_size, mask_thresholds
+            )
+            scores = tables[_tag(spec)]
+            summary = [
+                f"{k} {v['gain_over_doing_nothing']:+.3f}/{v['share_of_true_change']:.3f}" for k, v in scores.items()
+            ]
+            print(f"{_tag(spec)} (gain/share): " + ", ".join(summary))
+        report = {"interventions": tables, "recommended": _recommended(tables, min_share_kept),
+                  "settings": {"datalist": str(datalist), "datalist_key": datalist_key, "num_records": len(records),
+                               "unchanged_tolerance": UNCHANGED_TOLERANCE, "min_share_kept": min_share_kept,
+                               "strength": inferer.strength, "guidance_scale": inferer.guidance_scale,
+                               "num_inference_steps": inferer.num_inference_steps,
+                               "mask_smoothing": inferer.mask_smoothing},
+                  "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+        shutil.rmtree(staged / "truth", ignore_errors=True)
+        (staged / "compositions.json").write_text(json.dumps(report, indent=4) + "\n")
+        (staged / "compositions.md").write_text(compositions_markdown(report))
+        _atomic_copy_into(folder, staged)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return report
+
+
+def _recommended(tables: Mapping[str, Mapping[str, Mapping[str, float]]], min_share_kept: float) -> dict[str, Any]:
+    names = list(next(iter(tables.values())))
+    mean = {n: {k: float(np.mean([t[n][k] for t in tables.values()])) for k in tables[next(iter(tables))][n]}
+            for n in names}  # fmt: skip
+    floor = min_share_kept * mean["none"]["share_of_true_change"]
+    eligible = [n for n in names if mean[n]["share_of_true_change"] >= floor] or ["none"]
+    best = max(eligible, key=lambda n: mean[n]["gain_over_doing_nothing"])
+    return {"variant": best, "mean_over_interventions": mean[best], "share_floor": floor, "eligible": eligible}
+
+
+def _oracle_scores(output, images, truth, changed, mask) -> dict[str, float]:
+    mae, mae_input = (output - truth).abs().mean(), (images - truth).abs().mean()
+    moved, needed = (output - images) * torch.sign(truth - images), (truth - images).abs()
+    scores = {
+        "mae_to_truth": float(mae),
+        "gain_over_doing_nothing": float(1 - mae / mae_input),
+        "mae_where_unchanged": float((output - images).abs()[~changed].mean()),
+        "share_of_true_change": float(moved[changed].sum() / needed[changed].sum().clamp_min(1e-8)),
+    }
+    if mask is not None:
+        inside = mask > 0.5
+        scores["mask_dice"] = float(2 * (inside & changed).sum() / (inside.sum() + changed.sum()).clamp_min(1))
+        scores["mask_fraction"] = float(inside.float().mean())
+    return scores
 
 
 @torch.inference_mode()
@@ -268,8 +409,9 @@ def _utility(
     for start in range(0, count, settings["batch_size"]):  # sample_latents runs in inference mode
         chunk = slice(start, start + settings["batch_size"])
         latents = sample_latents(
-            model, scheduler, noise[chunk].to(device), conditions[chunk].to(device), settings["num_inference_steps"],
-            settings["guidance_scale"], encoder.null().to(device), settings["drift"], settings["precision"],
+            model, scheduler, noise[chunk].to(device), conditions[chunk].to(device), drift=settings["drift"],
+            num_inference_steps=settings["num_inference_steps"], guidance_scale=settings["guidance_scale"],
+            null_condition=encoder.null().to(device), precision=settings["precision"],
         )  # fmt: skip
         with torch.no_grad():
             synthetic.append(model.decode(latents).float().clamp(0, 1).cpu())
@@ -401,7 +543,7 @@ def evaluate(
             train_records = load_datalist(datalist, "training")[: int(utility["num_samples"])]
             real_train = E.load_cohort_split(datalist, "training", encoder, transform, image_size, False,
                                              int(utility["num_samples"]))["images"]  # fmt: skip
-            utility_settings = {"drift": inferer.drift, "precision": inferer.precision, **utility}
+            utility_settings = {"drift": inferer.resolve_drift(network), "precision": inferer.precision, **utility}
             report["utility"], synthetic = _utility(
                 network, scheduler, encoder, predictor_channels, spatial_dims, train_records, held_out, real_train,
                 utility_settings,
@@ -504,6 +646,23 @@ def markdown_report(report: Mapping[str, Any]) -> str:
             )
     lines += ["", "Evaluators (held-out subjects): " + json.dumps(report["evaluators"]["held_out"]["predictor"]), ""]
     return "\n".join(lines)
+
+
+def compositions_markdown(report: Mapping[str, Any]) -> str:
+    """The composition table as markdown: one row per variant and intervention."""
+    lines = ["# Compositions against the oracle", "",
+             f"{report['settings']['num_records']} scans of `{report['settings']['datalist_key']}`; "
+             f"recommended: **{report['recommended']['variant']}** (highest mean gain over doing nothing among the "
+             f"variants keeping >= {report['settings']['min_share_kept']:g}x the raw decode's share of the true "
+             "change).", "",
+             "| intervention | variant | MAE to truth | gain over doing nothing | MAE where unchanged | share of true "
+             "change | mask Dice | mask fraction |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for tag, table in report["interventions"].items():
+        for name, v in table.items():
+            lines.append(f"| {tag} | {name} | {v['mae_to_truth']:.4f} | {v['gain_over_doing_nothing']:+.3f} | "
+                         f"{v['mae_where_unchanged']:.4f} | {v['share_of_true_change']:.3f} | "
+                         f"{_fmt(v.get('mask_dice'))} | {_fmt(v.get('mask_fraction'))} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def write_montage(path: Path, rows: Sequence[tuple]) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from monai.inferers import Inferer
+from monai.networks.layers import GaussianFilter
 from monai.networks.schedulers import DDIMScheduler
 from torch import nn
 from tqdm import tqdm
@@ -90,10 +91,11 @@ def sample_latents(
     scheduler: DDIMScheduler,
     noise: torch.Tensor,
     condition: torch.Tensor,
+    *,
+    drift: LatentDrift,
     num_inference_steps: int = 50,
     guidance_scale: float = 1.0,
     null_condition: torch.Tensor | None = None,
-    drift: LatentDrift | None = None,
     precision: str = "fp32",
     source_latent: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -101,12 +103,10 @@ def sample_latents(
     Drifted DDIM sampling from z_T = ε + δ down to z_0 under `condition` (B, 1, size); `source_latent` is the
     paired mode's extra input (see `denoise_latents`).
     """
-    drift = drift if drift is not None else model.drift
     timesteps = set_inference_timesteps(scheduler, num_inference_steps)
-    start = drift.prior(noise)
     return denoise_latents(
-        model, scheduler, start, condition, timesteps, guidance_scale, null_condition, drift, precision, False,
-        source_latent,
+        model, scheduler, drift.prior(noise), condition, timesteps, drift=drift, guidance_scale=guidance_scale,
+        null_condition=null_condition, precision=precision, source_latent=source_latent,
     )  # fmt: skip
 
 
@@ -117,7 +117,8 @@ def invert_latents(
     latent: torch.Tensor,
     condition: torch.Tensor,
     timesteps: torch.Tensor,
-    drift: LatentDrift | None = None,
+    *,
+    drift: LatentDrift,
     fixed_point_iterations: int = 0,
     precision: str = "fp32",
     progress: bool = False,
@@ -130,7 +131,6 @@ def invert_latents(
     with enough iterations sampling back down from the result retraces the input (Pan et al. 2023, fixed-point
     inversion).
     """
-    drift = drift if drift is not None else model.drift
     for t in tqdm(timesteps.flip(0), desc="inversion", disable=not progress, leave=False):
         lower = latent
         for _ in range(fixed_point_iterations + 1):
@@ -147,9 +147,10 @@ def denoise_latents(
     latent: torch.Tensor,
     condition: torch.Tensor,
     timesteps: torch.Tensor,
+    *,
+    drift: LatentDrift,
     guidance_scale: float = 1.0,
     null_condition: torch.Tensor | None = None,
-    drift: LatentDrift | None = None,
     precision: str = "fp32",
     progress: bool = False,
     source_latent: torch.Tensor | None = None,
@@ -160,7 +161,6 @@ def denoise_latents(
     `source_latent` (paired mode, scripts/paired.py) is concatenated to the latent as extra input channels at every
     step; the denoiser then predicts the noise of the first C channels only.
     """
-    drift = drift if drift is not None else model.drift
     for t in tqdm(timesteps, desc="sampling", disable=not progress, leave=False):
         inputs = latent if source_latent is None else torch.cat([latent, source_latent], 1)
         with precision_context(latent.device, precision):
@@ -179,6 +179,9 @@ def paired_null_condition(null_condition: torch.Tensor, size: int) -> torch.Tens
     raise ValueError(f"null_condition has {null.numel()} values; expected {size} (one covariate vector) or {2 * size}.")
 
 
+COMPOSITIONS = ("reference", "reconstruction", "none")
+
+
 class CounterfactualInferer(Inferer):
     """
     Counterfactual image synthesis by abduction -> action -> prediction (Pearl's three steps):
@@ -188,14 +191,27 @@ class CounterfactualInferer(Inferer):
     2. action: swap the condition for the *target* covariates;
     3. prediction: DDIM-sample from t_0 down to 0 with drift and classifier-free guidance, then decode.
 
+    Keeping the subject: the prediction also runs under the *source* covariates from the same inverted latent, with
+    the same noise and guidance, batched with the counterfactual chain (the reference chain z_ref). The model's
+    answer is the change D(z_cf) - D(base), which the workflow adds to the input itself (`compose`), so everything
+    the covariates do not cause keeps the input's own detail. The base is set by `composition`:
+    "reference" D(z_ref) (the default: the chain's own blur and drift cancel), "reconstruction" D(E(x)), or "none"
+    (the raw decode D(z_cf) is the output, as in plain latent diffusion editing).
+
     Args:
         scheduler: a DDIMScheduler with clip_sample=False.
         num_inference_steps: DDIM steps over the whole chain [T, 0]; strength * steps of them are used each way.
         strength: fraction of the chain inverted, in (0, 1]: higher allows larger changes, lower keeps more detail.
         guidance_scale: classifier-free guidance weight w of the target condition (1 = no guidance).
         null_condition: the encoder's null condition vector (needed for guidance).
-        delta: drift δ for inference (float or per-channel list); None keeps the model's own drift.
-        drift_schedule: "paper" or "marginal" (see scripts/drift.py), used with `delta`.
+        delta: drift δ for inference (float or per-channel list); None uses the δ the weights were trained with
+            (the network's drift, which `load_weights` sets from the weights file).
+        drift_schedule: "paper" or "marginal" (see scripts/drift.py); None uses the weights' schedule.
+        composition: "reference", "reconstruction" or "none" (see above).
+        auto_mask: also return an edit mask (`edit_mask`): where the change is small against what the reference
+            chain itself changes, the output is the input, voxel for voxel. Runs the reference chain.
+        mask_threshold: the mask's threshold, in units of the reference chain's mean change |D(z_ref) - D(E(x))|.
+        mask_smoothing: Gaussian sigma (network voxels) of the mask's smoothing and soft edge.
         num_samples: n > 1 draws n counterfactuals and returns their mean and per-voxel std. Each draw starts from
             the inverted latent mixed with fresh noise, sqrt(1 - j²) z_t0 + j ε (variance preserving, j =
             `sample_jitter`); n = 1 uses the inverted latent as it is (deterministic).
@@ -209,7 +225,8 @@ class CounterfactualInferer(Inferer):
         paired: the network is a paired (longitudinal) model from configs/train_paired.json, whose denoiser takes
             the source latent as extra channels and [c_source, c_target] as condition. There is no inversion: each
             draw samples the target latent from the drifted prior ε + δ over the whole chain (`strength` unused),
-            with guidance against the null of both vectors. n = 1 uses one seeded noise draw.
+            with guidance against the null of both vectors; its reference chain is conditioned on [c_source,
+            c_source]. n = 1 uses one seeded noise draw.
     """
 
     def __init__(
@@ -220,7 +237,11 @@ class CounterfactualInferer(Inferer):
         guidance_scale: float = 1.0,
         null_condition: torch.Tensor | None = None,
         delta: float | list[float] | None = None,
-        drift_schedule: str = "paper",
+        drift_schedule: str | None = None,
+        composition: str = "reference",
+        auto_mask: bool = True,
+        mask_threshold: float = 2.0,
+        mask_smoothing: float = 1.0,
         num_samples: int = 1,
         sample_jitter: float = 0.1,
         seed: int = 0,
@@ -241,13 +262,43 @@ class CounterfactualInferer(Inferer):
             raise ValueError("guidance_scale != 1 needs the null condition (covariate_encoder.null()).")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}.")
+        if composition not in COMPOSITIONS:
+            raise ValueError(f"composition must be one of {COMPOSITIONS}, got {composition!r}.")
+        if not mask_threshold > 0 or not mask_smoothing >= 0:
+            raise ValueError(
+                f"mask_threshold must be > 0 and mask_smoothing >= 0, got {mask_threshold}, {mask_smoothing}."
+            )
+        if delta is None and drift_schedule is not None:
+            LatentDrift(0.0, drift_schedule)  # an unknown schedule fails here, before any compute
         self.scheduler, self.num_inference_steps, self.strength = scheduler, num_inference_steps, strength
         self.guidance_scale, self.null_condition = guidance_scale, null_condition
-        self.drift = LatentDrift(delta, drift_schedule) if delta is not None else None
+        self.delta, self.drift_schedule = delta, drift_schedule
+        self.override = LatentDrift(delta, drift_schedule or "paper") if delta is not None else None
+        self.composition, self.auto_mask = composition, as_flag(auto_mask, "auto_mask")
+        self.mask_threshold, self.mask_smoothing = float(mask_threshold), float(mask_smoothing)
         self.num_samples, self.sample_jitter, self.seed = num_samples, sample_jitter, seed
         self.fixed_point_iterations, self.precision = fixed_point_iterations, precision
         self.progress, self.paired = as_flag(progress, "progress"), as_flag(paired, "paired")
         self.compile, self._compiled = as_flag(compile, "compile"), {}
+
+    def resolve_drift(self, network: LatentDriftModel) -> LatentDrift:
+        """The drift this inferer runs `network` at: `delta` if given, else the weights' δ; likewise the schedule."""
+        if self.override is not None:
+            return self.override
+        if self.drift_schedule is None or self.drift_schedule == network.drift.schedule:
+            return network.drift
+        return LatentDrift(network.drift.delta.tolist(), self.drift_schedule)
+
+    def describe_drift(self, network: LatentDriftModel) -> dict[str, Any]:
+        """What the record says about the drift actually used, and where it came from."""
+        drift = self.resolve_drift(network)
+        delta = drift.delta.tolist()
+        origin = "inference_delta" if self.override is not None else ("weights" if _has_metadata(network) else "config")
+        return {"delta": delta, "schedule": drift.schedule, "delta_from": origin}
+
+    @property
+    def runs_reference(self) -> bool:
+        return self.composition == "reference" or self.auto_mask
 
     def timesteps(self) -> torch.Tensor:
         grid = set_inference_timesteps(self.scheduler, self.num_inference_steps)
@@ -261,62 +312,92 @@ class CounterfactualInferer(Inferer):
         source_condition: torch.Tensor,
         target_condition: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """{"counterfactual": mean image, "std": per-voxel std over samples (zeros for n = 1), "latent": z_0}."""
+        """
+        On the network grid: {"counterfactual": D(z_cf) (mean over samples), "change": D(z_cf) - base (mean),
+        "edit_mask": the automatic mask (ones without `auto_mask`), "std": per-voxel std of D(z_cf) over samples
+        (zeros for n = 1), "reconstruction": D(E(x)), "reconstruction_error": mean |D(E(x)) - x| per image,
+        "latent": z_0}.
+        """
+        drift = self.resolve_drift(network)
         with precision_context(inputs.device, self.precision):
             z0 = network.encode(inputs).float()
-        if self.compile:  # the sampling helpers only use .denoiser and .drift of the network
-            key = id(network.denoiser)
-            if key not in self._compiled:
-                self._compiled = {key: torch.compile(network.denoiser)}
-            network = SimpleNamespace(denoiser=self._compiled[key], drift=network.drift, decode=network.decode)
+            reconstruction = network.decode(z0).float()
+        denoiser = self._denoiser(network)
+        starts, timesteps, conditions, null, source_latent = self._abduction(
+            denoiser, z0, source_condition, target_condition, drift
+        )
+        counterfactuals, references = [], []
+        for start in starts:
+            latent = torch.cat([start, start]) if self.runs_reference else start
+            latent = denoise_latents(
+                denoiser, self.scheduler, latent, conditions, timesteps, drift=drift,
+                guidance_scale=self.guidance_scale, null_condition=null, precision=self.precision,
+                progress=self.progress, source_latent=source_latent,
+            )  # fmt: skip
+            with precision_context(inputs.device, self.precision):
+                images = network.decode(latent).float()
+            counterfactuals.append(images[: len(inputs)])
+            references.append(images[len(inputs) :] if self.runs_reference else None)
+        return self._result(inputs, counterfactuals, references, reconstruction, z0)
+
+    def _denoiser(self, network: LatentDriftModel) -> Any:
+        """The network the sampling helpers see (they use only `.denoiser`): compiled once if `compile`."""
+        if not self.compile:
+            return network
+        key = id(network.denoiser)
+        if key not in self._compiled:
+            self._compiled = {key: torch.compile(network.denoiser)}
+        return SimpleNamespace(denoiser=self._compiled[key])
+
+    def _abduction(self, denoiser, z0, source_condition, target_condition, drift):
+        """Start latents, timesteps, conditions (target, then source for the reference chain), null, paired input."""
         generator = torch.Generator().manual_seed(self.seed)
         if self.paired:
-            drift = self.drift if self.drift is not None else network.drift
             timesteps = set_inference_timesteps(self.scheduler, self.num_inference_steps)
-            condition = torch.cat([source_condition, target_condition], -1)
+            target = torch.cat([source_condition, target_condition], -1)
+            reference = torch.cat([source_condition, source_condition], -1)
             null = None
             if self.null_condition is not None:
                 null = paired_null_condition(self.null_condition, source_condition.shape[-1])
             starts = [drift.prior(torch.randn(z0.shape, generator=generator).to(z0)) for _ in range(self.num_samples)]
-            source_latent = z0
+            source_latent = torch.cat([z0, z0]) if self.runs_reference else z0
         else:
-            timesteps, condition, null, source_latent = self.timesteps(), target_condition, self.null_condition, None
-            inverted = invert_latents(
-                network,
-                self.scheduler,
-                z0,
+            timesteps, target, reference, null, source_latent = (
+                self.timesteps(),
+                target_condition,
                 source_condition,
-                timesteps,
-                self.drift,
-                self.fixed_point_iterations,
-                self.precision,
-                self.progress,
+                self.null_condition,
+                None,
             )
+            inverted = invert_latents(
+                denoiser, self.scheduler, z0, source_condition, timesteps, drift=drift,
+                fixed_point_iterations=self.fixed_point_iterations, precision=self.precision, progress=self.progress,
+            )  # fmt: skip
             starts = [inverted]
             if self.num_samples > 1:
                 jitter = self.sample_jitter
                 noises = [torch.randn(z0.shape, generator=generator).to(z0) for _ in range(self.num_samples)]
                 starts = [(1 - jitter**2) ** 0.5 * inverted + jitter * noise for noise in noises]
-        images = []
-        for start in starts:
-            latent = denoise_latents(
-                network,
-                self.scheduler,
-                start,
-                condition,
-                timesteps,
-                self.guidance_scale,
-                null,
-                self.drift,
-                self.precision,
-                self.progress,
-                source_latent,
-            )
-            with precision_context(inputs.device, self.precision):
-                images.append(network.decode(latent).float())
-        stacked = torch.stack(images)
+        conditions = torch.cat([target, reference]) if self.runs_reference else target
+        return starts, timesteps, conditions, null, source_latent
+
+    def _result(self, inputs, counterfactuals, references, reconstruction, z0) -> dict[str, torch.Tensor]:
+        stacked = torch.stack(counterfactuals)
         std = stacked.std(0) if self.num_samples > 1 else torch.zeros_like(stacked[0])
-        return {"counterfactual": stacked.mean(0), "std": std, "latent": z0}
+        if self.composition == "reference":
+            change = (stacked - torch.stack(references)).mean(0)
+        elif self.composition == "reconstruction":
+            change = stacked.mean(0) - reconstruction
+        else:
+            change = stacked.mean(0) - inputs.float()
+        mask = torch.ones_like(change)
+        if self.auto_mask:
+            reference_change = (torch.stack(references).mean(0) - reconstruction).abs()
+            mask = edit_mask((stacked - torch.stack(references)).mean(0), reference_change, self.mask_threshold,
+                             self.mask_smoothing)  # fmt: skip
+        error = (reconstruction - inputs.float()).abs().flatten(1).mean(1)
+        return {"counterfactual": stacked.mean(0), "change": change, "edit_mask": mask, "std": std,
+                "reconstruction": reconstruction, "reconstruction_error": error, "latent": z0}  # fmt: skip
 
     def __call__(  # type: ignore[override]
         self,
@@ -325,7 +406,55 @@ class CounterfactualInferer(Inferer):
         source_condition: torch.Tensor,
         target_condition: torch.Tensor,
         **kwargs: Any,
-    ) -> torch.Tensor:
-        """(B, 2C, ...): the counterfactual in the first C channels and its per-voxel std in the last C."""
+    ) -> dict[str, torch.Tensor]:
+        """The batch's counterfactual, change, edit_mask, std and reconstruction_error (see `counterfactual`)."""
         result = self.counterfactual(inputs, network, source_condition, target_condition)
-        return torch.cat([result["counterfactual"], result["std"]], 1)
+        return {key: result[key] for key in ("counterfactual", "change", "edit_mask", "std", "reconstruction_error")}
+
+
+def edit_mask(
+    change: torch.Tensor, reference_change: torch.Tensor, threshold: float = 2.0, smoothing: float = 1.0
+) -> torch.Tensor:
+    """
+    Where the counterfactual's change is significant: a soft mask in [0, 1] per image (B, C, *spatial).
+
+    The change's magnitude (smoothed with a Gaussian of sigma `smoothing` voxels) is compared with the reference
+    chain's own mean change |D(z_ref) - D(E(x))| (what inversion and resampling alter without any covariate
+    change): 1 at and above `threshold` times it, 0 below half of it, a smooth ramp between; the mask is smoothed
+    again for a soft edge, and values under 1% are set to exactly 0, so the output there is the input itself.
+    """
+    spatial_dims = change.ndim - 2
+    magnitude, noise = change.abs(), reference_change
+    if smoothing > 0:
+        blur = GaussianFilter(spatial_dims, smoothing).to(change.device)
+        magnitude, noise = blur(magnitude), blur(noise)
+    scale = noise.flatten(1).mean(1).clamp_min(1e-4).reshape(-1, *([1] * (change.ndim - 1)))
+    ratio = (magnitude / (threshold * scale) - 0.5) / 0.5
+    mask = ratio.clamp(0, 1)
+    mask = mask * mask * (3 - 2 * mask)  # smoothstep
+    if smoothing > 0:
+        mask = blur(mask)
+    return torch.where(mask < 0.01, torch.zeros_like(mask), mask.clamp(0, 1))
+
+
+def compose(
+    image: torch.Tensor, counterfactual: torch.Tensor, change: torch.Tensor, mask: torch.Tensor | None, composition: str
+) -> torch.Tensor:
+    """
+    The counterfactual the user gets: the input plus the model's change inside the mask (input, voxel for voxel,
+    where the mask is 0); composition "none" without a mask returns the raw decode `counterfactual`.
+    """
+    if composition not in COMPOSITIONS:
+        raise ValueError(f"composition must be one of {COMPOSITIONS}, got {composition!r}.")
+    if composition == "none":
+        if mask is None:
+            return counterfactual
+        change = counterfactual - image
+    if mask is None:
+        return image + change
+    return torch.where(mask > 0, image + mask * change, image)
+
+
+def _has_metadata(network: Any) -> bool:
+    info = getattr(network, "weights_info", None)
+    return bool(info and info.get("metadata") and "drift" in info["metadata"])

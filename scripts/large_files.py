@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from scripts.networks import file_sha256
+from scripts.weights import file_sha256
 
 SHIPPED = ("models/model.pt", "models/autoencoder.pt", "models/chest/model.pt", "models/chest/autoencoder.pt")
 

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import torch
-import yaml
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from torch import nn
 
@@ -134,44 +131,6 @@ def latent_scale_factor(autoencoder: AutoencoderKL, batches: Iterable, image_key
     return float(1.0 / std)
 
 
-def load_weights(
-    module: nn.Module, path: str, hint: str = "", bundle_root: str | None = None, checkpoint_key: str = "model"
-) -> nn.Module:
-    """
-    Load a strict state dict from `path` (weights only) into `module`; a missing file says what to run first.
-    `path` may also be a training checkpoint (checkpoint_last.pt), whose `checkpoint_key` entry is then loaded.
-    When `bundle_root` is given and `path` is one of the bundle's shipped files listed in its `large_files.yml`, the
-    file's sha256 must match before anything is loaded.
-    """
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no weights file at {path!r}. {hint}".strip())
-    expected = shipped_sha256(bundle_root, path) if bundle_root else None
-    if expected is not None:
-        actual = file_sha256(path)
-        if actual != expected:
-            raise ValueError(
-                f"{path}: sha256 {actual} does not match {expected} in large_files.yml; the file is damaged or was "
-                "replaced: download the bundle again, or point model_path to your own weights."
-            )
-    weights = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(weights.get(checkpoint_key), dict):  # a training checkpoint rather than a weights file
-        weights = weights[checkpoint_key]
-    own = module.state_dict()
-    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
-    reshaped = [k for k in sorted(set(own) & set(weights)) if tuple(own[k].shape) != tuple(weights[k].shape)]
-    if missing or unexpected or reshaped:
-        examples = [f"missing {k}" for k in missing[:2]] + [f"unexpected {k}" for k in unexpected[:2]]
-        examples += [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in reshaped[:2]]
-        raise ValueError(
-            f"{path} does not fit the network built from the config ({len(missing)} missing, {len(unexpected)} "
-            f"unexpected, {len(reshaped)} differently shaped tensors, e.g. {'; '.join(examples)}). The weights were "
-            "trained with other settings: use the preset they were trained with (spatial_dims, autoencoder_channels, "
-            "latent_channels, unet_channels, covariate_schema...), or retrain. " + hint
-        )
-    module.load_state_dict(weights, strict=True)
-    return module
-
-
 def check_image_size(image_size: Sequence[int], autoencoder_channels: Sequence[int], unet_channels: Sequence[int]):
     """
     The network image size must divide into the autoencoder's downsamplings and then the UNet's: each side a
@@ -187,26 +146,3 @@ def check_image_size(image_size: Sequence[int], autoencoder_channels: Sequence[i
             f"{[max(factor, round(int(s) / factor) * factor) for s in image_size]}."
         )
     return list(image_size)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def shipped_sha256(bundle_root: str, path: str) -> str | None:
-    """The sha256 that the bundle's large_files.yml lists for `path`, or None if it lists no such file."""
-    listing = Path(bundle_root) / "large_files.yml"
-    if not listing.is_file():
-        return None
-    entries = yaml.safe_load(listing.read_text()).get("large_files", [])
-    target = Path(path).resolve()
-    for entry in entries:
-        if (Path(bundle_root) / entry["path"]).resolve() == target:
-            if entry.get("hash_type", "sha256") != "sha256":
-                raise ValueError(f"large_files.yml: {entry['path']} must use hash_type sha256.")
-            return str(entry["hash_val"]).lower()
-    return None

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from scripts.files import atomic_write
-from scripts.networks import file_sha256
+from scripts.weights import file_sha256
 
 INCLUDED_FOLDERS = {"configs": (".json", ".conf"), "scripts": (".py", ".sh"), "docs": None}
 INCLUDED_FILES = ("LICENSE", "README.md", "large_files.yml", "requirements.txt")

@@ -156,5 +156,7 @@ def sample_paired(
     condition = torch.cat([condition_source, condition_target], -1).to(source_latent)
     null = None if null_condition is None else paired_null_condition(null_condition, condition_source.shape[-1])
     return sample_latents(
-        model, scheduler, noise, condition, num_inference_steps, guidance_scale, null, drift, precision, source_latent
-    )
+        model, scheduler, noise, condition, drift=drift if drift is not None else model.drift,
+        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, null_condition=null,
+        precision=precision, source_latent=source_latent,
+    )  # fmt: skip

@@ -47,8 +47,10 @@ def test_invert_then_generate_with_unchanged_covariates_reproduces_the_latent(de
     model, ddim = tiny_model(delta), scheduler()
     z0 = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     timesteps = set_inference_timesteps(ddim, 20)[8:]
-    inverted = invert_latents(model, ddim, z0, condition(0.3), timesteps, fixed_point_iterations=16)
-    reconstructed = denoise_latents(model, ddim, inverted, condition(0.3), timesteps)
+    inverted = invert_latents(
+        model, ddim, z0, condition(0.3), timesteps, drift=model.drift, fixed_point_iterations=16
+    )
+    reconstructed = denoise_latents(model, ddim, inverted, condition(0.3), timesteps, drift=model.drift)
     torch.testing.assert_close(reconstructed, z0, rtol=1e-4, atol=1e-4)
 
 
@@ -58,8 +60,10 @@ def test_fixed_point_refinement_makes_the_composition_tighter():
     timesteps = set_inference_timesteps(ddim, 20)[8:]
 
     def error(iterations: int) -> float:
-        inverted = invert_latents(model, ddim, z0, condition(0.3), timesteps, fixed_point_iterations=iterations)
-        return (denoise_latents(model, ddim, inverted, condition(0.3), timesteps) - z0).abs().max().item()
+        inverted = invert_latents(
+            model, ddim, z0, condition(0.3), timesteps, drift=model.drift, fixed_point_iterations=iterations
+        )
+        return (denoise_latents(model, ddim, inverted, condition(0.3), timesteps, drift=model.drift) - z0).abs().max()
 
     assert error(4) < error(0)
 
@@ -71,8 +75,10 @@ def test_same_seed_gives_the_same_counterfactual_and_samples_differ_between_draw
     second = CounterfactualInferer(scheduler(), num_inference_steps=10, num_samples=3, seed=5)(
         image, model, condition(0.2), condition(0.8)
     )
-    assert torch.equal(first, second)
-    assert first.shape == (1, 2, 32, 32) and first[:, 1].max() > 0, "n > 1 must give a non-zero std channel"
+    for key in ("counterfactual", "change", "edit_mask", "std"):
+        assert torch.equal(first[key], second[key]), key
+        assert first[key].shape == (1, 1, 32, 32), key
+    assert first["std"].max() > 0, "n > 1 must give a non-zero std"
 
 
 @pytest.mark.slow
@@ -81,7 +87,8 @@ def test_compiled_denoiser_gives_the_eager_counterfactual():
     arguments = (image, model, condition(0.2), condition(0.8))
     eager = CounterfactualInferer(scheduler(), num_inference_steps=4, seed=1)(*arguments)
     compiled = CounterfactualInferer(scheduler(), num_inference_steps=4, seed=1, compile=True)(*arguments)
-    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+    for key in ("counterfactual", "change"):
+        torch.testing.assert_close(compiled[key], eager[key], atol=1e-4, rtol=1e-4)
 
 
 def test_guidance_without_a_null_condition_is_refused():
@@ -103,7 +110,7 @@ def test_counterfactual_has_the_input_geometry_and_all_outputs(untrained_bundle,
         "--source", "{'age': 65, 'sex': 'F', 'diagnosis': 'CN'}", "--target", "{'age': 85, 'diagnosis': 'AD'}",
     )  # fmt: skip
     source = nib.load(untrained_bundle / "scan.nii.gz")
-    for kind in ("counterfactual", "difference", "std"):
+    for kind in ("counterfactual", "difference", "mask", "std"):
         result = nib.load(out / f"scan_{kind}.nii.gz")
         assert result.shape == source.shape, kind
         np.testing.assert_allclose(result.affine, source.affine, atol=1e-4)

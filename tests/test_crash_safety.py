@@ -14,6 +14,7 @@ import torch
 from conftest import BUNDLE_ROOT, bundle_command
 
 from scripts.phantoms import generate_cohort
+from scripts.weights import read_weights
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +73,7 @@ def test_sigkill_mid_training_resumes_from_the_last_checkpoint(tmp_path):
     assert f"resumed from {run_dir / 'checkpoint_last.pt'} at epoch {saved_epoch}" in resumed.stdout
     rows = json.loads((run_dir / "loss_history.json").read_text())
     assert [row["epoch"] for row in rows] == list(range(1, saved_epoch + 3))
-    final = torch.load(tmp_path / "models" / "autoencoder.pt", map_location="cpu", weights_only=True)
+    final = read_weights(tmp_path / "models" / "autoencoder.pt")[0]
     resumed_state = torch.load(run_dir / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     assert resumed_state["trainer"]["iteration"] // resumed_state["trainer"]["epoch_length"] == saved_epoch + 2
     assert all(torch.equal(final[k], resumed_state["autoencoder"][k]) for k in final)

@@ -13,6 +13,7 @@ import torch
 from conftest import BUNDLE_ROOT
 
 from scripts.phantoms import generate_cohort
+from scripts.weights import read_weights
 
 pytestmark = pytest.mark.slow
 
@@ -51,9 +52,9 @@ def test_two_process_training_of_both_stages(tmp_path):
         # each process sees half of the training scans: the epoch length is that of one shard
         assert state["trainer"]["epoch_length"] == math.ceil(math.ceil(len(training) / 2) / 2)
         assert state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"]
-        final = torch.load(tmp_path / "models" / weights, map_location="cpu", weights_only=True)
+        final = read_weights(tmp_path / "models" / weights)[0]
         assert all(torch.equal(final[name], value) for name, value in state[key].items())
         history = json.loads((tmp_path / "runs" / run / "loss_history.json").read_text())
         assert [row["epoch"] for row in history] == [1, 2], "only rank 0 writes the loss history, once per epoch"
-    model = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    model = read_weights(tmp_path / "models" / "model.pt")[0]
     assert float(model["scale_factor"]) != 1.0, "the scale factor is measured (on rank 0) and shared"

@@ -14,9 +14,9 @@ from scripts.networks import (
     ConditionedUNet,
     LatentDriftModel,
     latent_scale_factor,
-    load_weights,
     select_trainable,
 )
+from scripts.weights import load_weights
 
 CONDITION_SIZE, CONTEXT_DIM = 6, 16
 CROSS_ATTENTION_KV = re.compile(r"\.attn2\.to_[kv]\.weight$")

@@ -67,13 +67,15 @@ def test_ckpt_export_traces_the_network_component_to_torchscript(tmp_path, bundl
     import torch
     from monai.bundle import ConfigParser
 
+    from scripts.weights import read_weights
+
     configs = ["common.json", "chest_xray_2d.json", "inference.json"]
     exported = tmp_path / "model.ts"
     command = [
         sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(exported),
         "--ckpt_file", "models/chest/model.pt", "--meta_file", "configs/metadata.json",
         "--config_file", "[" + ",".join(f"'configs/{name}'" for name in configs) + "]",
-        "--use_trace", "true", "--input_shape", "[1,1,128,128]",
+        "--use_trace", "true", "--input_shape", "[1,1,128,128]", "--key_in_ckpt", "state_dict",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(BUNDLE_ROOT)}
     result = subprocess.run(command, cwd=BUNDLE_ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -82,7 +84,9 @@ def test_ckpt_export_traces_the_network_component_to_torchscript(tmp_path, bundl
     parser = ConfigParser()
     parser.read_config([str(BUNDLE_ROOT / "configs" / name) for name in configs])
     network = parser.get_parsed_content("network_def")
-    network.load_state_dict(torch.load(BUNDLE_ROOT / "models" / "chest" / "model.pt", weights_only=True))
+    state, metadata = read_weights(BUNDLE_ROOT / "models" / "chest" / "model.pt")
+    assert metadata["drift"] == {"delta": 0.0, "schedule": "paper"}
+    network.load_state_dict(state)  # the weights file's own tensors: the export must hold these, not fresh ones
     image = torch.rand(1, 1, 128, 128, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(traced(image), network.eval()(image), atol=1e-4, rtol=1e-4)

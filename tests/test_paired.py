@@ -16,6 +16,7 @@ from scripts.drift import LatentDrift
 from scripts.networks import ConditionedUNet, LatentDriftModel
 from scripts.paired import PairedPrepareBatch, PerImaged, paired_datalist, sample_paired
 from scripts.transforms import CovariateEncoder, CovariateError, DriftNoised
+from scripts.weights import read_weights
 
 SCHEMA = {
     "age": {"type": "continuous", "range": [40, 100]},
@@ -272,7 +273,7 @@ def test_paired_training_cli_end_to_end(tmp_path, bundle_cli):
     for flag, value in zip(common[::2], common[1::2]):
         parser[flag.lstrip("-")] = json.loads(value) if value[:1] in "[0123456789-" else value
     network = parser.get_parsed_content("paired_network")
-    network.load_state_dict(torch.load(weights, weights_only=True), strict=True)
+    network.load_state_dict(read_weights(weights)[0], strict=True)
     assert float(network.scale_factor) != 1.0, "the paired stage must measure the latent scale factor"
     history = json.loads((tmp_path / "runs" / "paired" / "loss_history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2, 3]

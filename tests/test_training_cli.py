@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from scripts.phantoms import generate_cohort
+from scripts.weights import read_weights
 
 pytestmark = pytest.mark.slow
 
@@ -68,11 +69,11 @@ def trained(request, tmp_path_factory, bundle_cli):
     stage1 = with_preset(AUTOENCODER, spec["presets"])
     stage1_args = [*common, "--discriminator_channels", "8", "--discriminator_layers", "2"]
     bundle_cli("training", stage1, *stage1_args, "--max_epochs", "6", "--adversarial_warmup_epochs", "3")
-    first_autoencoder = torch.load(root / "models" / "autoencoder.pt", weights_only=True)
+    first_autoencoder = read_weights(root / "models" / "autoencoder.pt")[0]
     bundle_cli("training", stage1, *stage1_args, "--max_epochs", "8", "--adversarial_warmup_epochs", "3")
     stage2 = with_preset(DIFFUSION, spec["presets"])
     bundle_cli("training", stage2, *common, "--max_epochs", "6", "--sample_every_epochs", "3")
-    first_model = torch.load(root / "models" / "model.pt", weights_only=True)
+    first_model = read_weights(root / "models" / "model.pt")[0]
     bundle_cli("training", stage2, *common, "--max_epochs", "8", "--sample_every_epochs", "3")
     return {
         "root": root,
@@ -106,7 +107,7 @@ def test_resumed_run_continues_from_the_saved_epoch(trained, stage):
 
 
 def test_resumed_run_changed_the_final_weights(trained):
-    final = torch.load(trained["root"] / "models" / "autoencoder.pt", weights_only=True)
+    final = read_weights(trained["root"] / "models" / "autoencoder.pt")[0]
     assert any(not torch.equal(final[k], trained["first_autoencoder"][k]) for k in final)
 
 
@@ -119,9 +120,21 @@ def test_final_model_loads_with_strict_keys_into_the_network_definition(trained)
     for flag, value in zip(arguments[::2], arguments[1::2]):
         parser[flag.lstrip("-")] = json.loads(value) if value[:1] in "[0123456789-" else value
     network = parser.get_parsed_content("network_def")
-    state = torch.load(trained["root"] / "models" / "model.pt", weights_only=True)
+    state = read_weights(trained["root"] / "models" / "model.pt")[0]
     network.load_state_dict(state, strict=True)
     assert float(network.scale_factor) != 1.0, "stage 2 must measure the latent scale factor from data"
+
+
+def test_final_weights_carry_what_they_were_trained_with(trained):
+    _, metadata = read_weights(trained["root"] / "models" / "model.pt")
+    delta = json.loads(trained["common"][trained["common"].index("--delta") + 1])
+    assert metadata["drift"] == {"delta": delta, "schedule": "paper"}
+    assert set(metadata["covariate_schema"]) >= {"age", "sex"}
+    assert metadata["network"]["image_size"] == json.loads(trained["common"][trained["common"].index("--image_size") + 1])
+    profile = metadata["reconstruction_error"]
+    assert len(profile["values"]) > 0 and profile["percentile"] == 99.0
+    assert min(profile["values"]) <= profile["threshold"] <= max(profile["values"])
+    assert metadata["input_profile"]["count"] > 0
 
 
 def test_tensorboard_has_sample_images(trained):
@@ -134,7 +147,7 @@ def test_tensorboard_has_sample_images(trained):
 
 def test_embedding_finetuning_from_a_checkpoint_changes_only_the_embedding(trained, bundle_cli):
     root = trained["root"]
-    before = torch.load(root / "models" / "model.pt", weights_only=True)
+    before = read_weights(root / "models" / "model.pt")[0]
     bundle_cli(
         "training",
         trained["stage2"],
@@ -146,7 +159,7 @@ def test_embedding_finetuning_from_a_checkpoint_changes_only_the_embedding(train
         "--max_epochs", "2",
         "--sample_every_epochs", "0",
     )  # fmt: skip
-    after = torch.load(root / "finetuned.pt", weights_only=True)
+    after = read_weights(root / "finetuned.pt")[0]
     changed = {key for key in after if not torch.equal(after[key], before[key])}
     assert changed and all(key.startswith("denoiser.embedding.") for key in changed), changed
 

@@ -134,7 +134,8 @@ class CounterfactualInferTask(BundleInferTask):
         """
         The MONAI Label options: `target_<covariate>` for each covariate (a list is a choice whose first entry is the
         default, as MONAI Label clients show it; "source" keeps the source value), then the bundle parameters. The
-        defaults come from the bundle config: its `target`, and inference_delta falling back to the model's delta.
+        defaults come from the bundle config: its `target`; inference_delta None runs at the δ the weights were
+        trained with.
         """
         target = self.bundle_config.get_parsed_content("target")
         options: dict[str, Any] = {}
@@ -146,8 +147,6 @@ class CounterfactualInferTask(BundleInferTask):
                 options[TARGET_PREFIX + name] = [default] + [c for c in [KEEP, *spec["categories"]] if c != default]
         for key in OPTIONS:
             options[key] = self.bundle_config.get_parsed_content(key)
-        if options["inference_delta"] is None:
-            options["inference_delta"] = self.bundle_config.get_parsed_content("delta")
         return options
 
     def __call__(self, request: Mapping[str, Any], callbacks: Any = None) -> tuple[str | None, dict]:
@@ -307,6 +306,8 @@ def _check_device(device: Any) -> None:
 def _option(key: str, value: Any) -> Any:
     """A request's option value as the bundle takes it (clients send text): a number, or a δ list per channel."""
     whole = key in ("num_inference_steps", "seed", "num_samples")
+    if key == "inference_delta" and value in (None, "", "None", "null"):
+        return None  # the δ the weights were trained with
     if isinstance(value, (list, tuple)) and key != "inference_delta":
         value = value[0] if value else None  # a MONAI Label choice: its first entry
     try:

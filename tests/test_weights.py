@@ -1,0 +1,85 @@
+"""Specification of the weights format: one versioned file that owns δ, the schedule and the covariate schema."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import BUNDLE_ROOT
+from torch import nn
+
+from scripts.drift import LatentDrift
+from scripts.weights import FORMAT_VERSION, WEIGHTS_FORMAT, load_weights, read_weights, save_weights, weights_metadata
+
+SCHEMA = {"age": {"type": "continuous", "range": [40, 100]}}
+
+
+class Drifting(nn.Module):
+    """The smallest module with a state and a drift, like LatentDriftModel."""
+
+    def __init__(self, delta: float = 0.0, schedule: str = "paper") -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.drift = LatentDrift(delta, schedule)
+
+
+@pytest.mark.parametrize("path", ["models/model.pt", "models/chest/model.pt"])
+def test_shipped_weights_hold_their_drift_schedule_and_schema(path):
+    content = torch.load(BUNDLE_ROOT / path, map_location="cpu", weights_only=True)
+    assert content["format"] == WEIGHTS_FORMAT and content["format_version"] == FORMAT_VERSION
+    metadata = content["metadata"]
+    expected_delta, covariate = (0.1, "diagnosis") if path == "models/model.pt" else (0.0, "effusion")
+    assert metadata["drift"] == {"delta": expected_delta, "schedule": "paper"}
+    assert covariate in metadata["covariate_schema"]
+    assert len(metadata["reconstruction_error"]["values"]) >= 30, "the OOD profile of the validation scans"
+
+
+def test_saved_weights_round_trip_with_their_metadata(tmp_path):
+    module = Drifting(0.2, "marginal")
+    save_weights(tmp_path / "w.pt", module, weights_metadata(module.drift, SCHEMA, {"spatial_dims": 2, "x": 1}))
+    state, metadata = read_weights(tmp_path / "w.pt")
+    assert all(torch.equal(state[k], v) for k, v in module.state_dict().items())
+    assert metadata == {"drift": {"delta": 0.2, "schedule": "marginal"}, "covariate_schema": SCHEMA,
+                        "network": {"spatial_dims": 2}}  # fmt: skip
+
+
+def test_loading_gives_the_module_the_weights_drift_and_warns_about_a_differing_config(tmp_path, caplog):
+    trained = Drifting(0.2, "marginal")
+    save_weights(tmp_path / "w.pt", trained, weights_metadata(trained.drift))
+    configured = Drifting(0.1, "paper")
+    with caplog.at_level(logging.WARNING):
+        load_weights(configured, str(tmp_path / "w.pt"))
+    assert configured.drift.delta.tolist() == pytest.approx(0.2) and configured.drift.schedule == "marginal"
+    assert "is ignored" in caplog.text
+    assert configured.weights_info["sha256"] and configured.weights_info["metadata"]["drift"]["delta"] == 0.2
+
+
+def test_weights_of_the_earlier_format_still_load_and_keep_the_config_drift(tmp_path, caplog):
+    module = Drifting(0.1)
+    torch.save(module.state_dict(), tmp_path / "old.pt")
+    with caplog.at_level(logging.INFO):
+        load_weights(module, str(tmp_path / "old.pt"))
+    assert "earlier format" in caplog.text
+    assert module.weights_info["metadata"] is None and module.drift.delta.tolist() == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("content", [[1, 2], torch.zeros(3), {"a": "text"}])
+def test_a_file_that_holds_no_state_dict_is_refused_naming_it(tmp_path, content):
+    torch.save(content, tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match="odd.pt"):
+        load_weights(Drifting(), str(tmp_path / "odd.pt"))
+
+
+def test_a_truncated_weights_file_is_refused_naming_it(tmp_path):
+    save_weights(tmp_path / "w.pt", Drifting())
+    data = (tmp_path / "w.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut\.pt: not a readable weights file"):
+        load_weights(Drifting(), str(tmp_path / "cut.pt"))
+
+
+def test_a_newer_format_version_is_refused(tmp_path):
+    torch.save({"format": WEIGHTS_FORMAT, "format_version": FORMAT_VERSION + 1, "state_dict": {}}, tmp_path / "n.pt")
+    with pytest.raises(ValueError, match="newer than this bundle reads"):
+        read_weights(tmp_path / "n.pt")
