@@ -32,10 +32,26 @@ def _tile(volume: np.ndarray, scale: int, height: int) -> np.ndarray:
     return np.round(np.concatenate(tiles, axis=1) * 255.0).astype(np.uint8)
 
 
-def write_montage(cohort_dir: str | os.PathLike, output_path: str | os.PathLike, max_subjects: int = 8, scale: int = 2):
-    """One row per subject (first ``max_subjects`` of ``datalist.json``, visit 0) with its covariates as a caption."""
-    import nibabel as nib
+def _captioned(row: np.ndarray, text: str, caption: int = 14):
     from PIL import Image, ImageDraw
+
+    tile = Image.new("L", (row.shape[1], row.shape[0] + caption), 0)
+    ImageDraw.Draw(tile).text((4, 1), text, fill=255)
+    tile.paste(Image.fromarray(row), (0, caption))
+    return tile
+
+
+def write_montage(
+    cohort_dir: str | os.PathLike,
+    output_path: str | os.PathLike,
+    max_subjects: int = 8,
+    scale: int = 2,
+    columns: int = 2,
+) -> str:
+    """Subjects (the first ``max_subjects`` of ``datalist.json``, visit 0) in ``columns`` columns, each the three mid
+    slices under a caption of its covariates. Returns ``output_path``."""
+    import nibabel as nib
+    from PIL import Image
 
     cohort_dir = Path(cohort_dir)
     datalist = json.loads((cohort_dir / "datalist.json").read_text())
@@ -45,16 +61,15 @@ def write_montage(cohort_dir: str | os.PathLike, output_path: str | os.PathLike,
         raise ValueError(f"{cohort_dir / 'datalist.json'} lists no visit-0 scans to show.")
     volumes = [np.asarray(nib.load(str(cohort_dir / r["image"])).dataobj, dtype=np.float32) for r in records]
     height = max(max(s.shape[0] for s in mid_slices(v)) for v in volumes)
-    rows = [_tile(v, scale, height) for v in volumes]
-    width = max(r.shape[1] for r in rows)
-    caption = 14
-    canvas = Image.new("L", (width, len(rows) * (rows[0].shape[0] + caption)), 0)
-    draw = ImageDraw.Draw(canvas)
-    for index, (row, record) in enumerate(zip(rows, records)):
-        top = index * (row.shape[0] + caption)
-        text = f"{record['subject']}  age {record['age']:.0f}  {record['sex']}  {record['diagnosis']}"
-        draw.text((4, top + 1), text, fill=255)
-        canvas.paste(Image.fromarray(row), (0, top + caption))
+    tiles = [
+        _captioned(_tile(v, scale, height), f"{r['subject']}  age {r['age']:.0f}  {r['sex']}  {r['diagnosis']}")
+        for v, r in zip(volumes, records)
+    ]
+    width, tile_height = max(t.width for t in tiles), tiles[0].height
+    rows = -(-len(tiles) // columns)
+    canvas = Image.new("L", (columns * width, rows * tile_height), 0)
+    for index, tile in enumerate(tiles):
+        canvas.paste(tile, ((index % columns) * width, (index // columns) * tile_height))
     Path(output_path).parent.mkdir(parents=True, exist_ok=True)
     canvas.save(str(output_path))
     return str(output_path)

@@ -7,13 +7,18 @@ one core, once per session); every render after that takes well under a second o
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 from scripts import cohort_mni152, mni152_template, phantoms
+from scripts.oracle import compare_to_oracle
+
+SAMPLE = Path(__file__).resolve().parents[1] / "docs" / "samples" / "brain_mni152"
 
 # Volumes on a cropped 2 mm grid around the ventricles and hippocampi (80 x 96 x 80 mm, centred on the brain): a
 # hippocampal pair is ~700 voxels there, so a 10-year volume ratio is measured to a few % (at 4 mm it is ~90 voxels).
@@ -165,6 +170,32 @@ def test_anatomy_is_checked_against_the_modality_and_the_exogenous_factors():
         phantoms.generate_cohort("/tmp/unused", "chest", anatomy="mni152")
     with pytest.raises(TypeError, match="Mni152Exogenous"):
         phantoms.render("brain", phantoms.sample_brain_exogenous(0), brain(70.0), anatomy="mni152")
+
+
+def test_the_shipped_sample_re_renders_from_its_exogenous_file():
+    subject = phantoms.load_subject(SAMPLE, "sample")
+    image, label = phantoms.render("brain", subject["u"], subject["visits"][0], subject["shape"], 3.0, anatomy="mni152")
+    assert subject["shape"] == (64, 80, 64) and subject["template_sha256"] == mni152_template.load_template().sha256
+    assert np.array_equal(np.asarray(nib.load(SAMPLE / "labels" / "sample_visit-0.nii.gz").dataobj), label)
+    # bit for bit on the machine that wrote it; float32 resampling may differ in the last bits elsewhere
+    np.testing.assert_allclose(
+        np.asarray(nib.load(SAMPLE / "images" / "sample_visit-0.nii.gz").dataobj), image, atol=1e-5
+    )
+
+
+def test_oracle_scores_the_true_counterfactual_of_the_shipped_sample_as_perfect(tmp_path):
+    changes = {"age": 85.0, "diagnosis": "AD"}
+    truth = phantoms.write_counterfactual_truth(SAMPLE, "sample", changes, output_dir=tmp_path / "truth")
+    copy = tmp_path / "counterfactual.nii.gz"
+    shutil.copy(truth["image"], copy)
+    record = tmp_path / "record.json"
+    target = {**phantoms.load_subject(SAMPLE, "sample")["visits"][0], **changes}
+    record.write_text(json.dumps({"target": target, "outputs": {"counterfactual": str(copy)}}))
+    result = compare_to_oracle(str(record), str(SAMPLE), "sample")
+    assert result["changes"] == changes and result["regions"]["ventricle_growth_rim"]["voxels"] > 0
+    assert result["mae_to_truth"]["counterfactual"] == pytest.approx(0.0, abs=1e-6)
+    assert result["mae_to_truth"]["input"] > 0.002
+    assert not (SAMPLE / "template").exists()  # the oracle reads the sample, never writes into it
 
 
 @pytest.mark.slow
