@@ -1094,30 +1094,9 @@ def generate_cohort(
         u = _sample_u(modality, anatomy, subject_rng)
         sample_visits = _sample_brain_visits if modality == "brain" else _sample_chest_visits
         visits = sample_visits(subject_rng, int(visits_per_subject))
-        subject_records, measurements = [], []
-        for visit, covariates in enumerate(visits):
-            image, label = render(modality, u, covariates, shape, spacing, profile=profile, anatomy=anatomy)
-            stem = f"{subject}_visit-{visit}"
-            image_rel, label_rel = _write_pair(modality, output_dir, stem, image, label, spacing or 0.0)
-            subject_records.append({"image": image_rel, "label": label_rel, "subject": subject, "visit": visit})
-            subject_records[-1].update(covariates)
-            measurements.append(_measure_scan(anatomy, label, spacing))
-        content = {"modality": modality, "subject": subject, "shape": list(shape), "spacing": spacing}
-        content.update({"exogenous": u.to_dict(), "visits": visits, "profile": profile})
-        if extras:
-            content.update({**extras, "measurements": measurements})
-        _write_json(os.path.join(output_dir, "exogenous", f"{subject}.json"), content)
-        records[subject] = subject_records
-
-    order = list(np.random.default_rng(seed + 1).permutation(len(subjects)))
-    num_val = int(round(float(val_fraction) * len(subjects)))
-    if val_fraction > 0 and len(subjects) >= 2:
-        num_val = min(max(num_val, 1), len(subjects) - 1)
-    val_subjects = {subjects[i] for i in order[:num_val]}
-    datalist = {
-        "training": [r for s in subjects if s not in val_subjects for r in records[s]],
-        "validation": [r for s in subjects if s in val_subjects for r in records[s]],
-    }
+        grid = {"shape": shape, "spacing": spacing, "profile": profile, "anatomy": anatomy}
+        records[subject] = _write_cohort_subject(output_dir, modality, subject, u, visits, grid, extras)
+    datalist = _split_by_subject(subjects, records, val_fraction, seed)
     _write_json(
         os.path.join(output_dir, "cohort.json"),
         {
@@ -1136,6 +1115,42 @@ def generate_cohort(
     datalist_path = os.path.join(output_dir, "datalist.json")
     _write_json(datalist_path, datalist)
     return datalist_path
+
+
+def _write_cohort_subject(
+    output_dir: str, modality: str, subject: str, u: Any, visits: list[dict], grid: dict, extras: dict
+) -> list[dict[str, Any]]:
+    """Render and write every visit of one subject and its exogenous file; return its datalist records.
+    ``grid`` holds ``shape``, ``spacing``, ``profile`` and ``anatomy``; ``extras`` the anatomy's keys."""
+    shape, spacing, anatomy = grid["shape"], grid["spacing"], grid["anatomy"]
+    records, measurements = [], []
+    for visit, covariates in enumerate(visits):
+        image, label = render(modality, u, covariates, shape, spacing, profile=grid["profile"], anatomy=anatomy)
+        stem = f"{subject}_visit-{visit}"
+        image_rel, label_rel = _write_pair(modality, output_dir, stem, image, label, spacing or 0.0)
+        records.append({"image": image_rel, "label": label_rel, "subject": subject, "visit": visit, **covariates})
+        measurements.append(_measure_scan(anatomy, label, spacing))
+    content = {"modality": modality, "subject": subject, "shape": list(shape), "spacing": spacing}
+    content.update({"exogenous": u.to_dict(), "visits": visits, "profile": grid["profile"]})
+    if extras:
+        content.update({**extras, "measurements": measurements})
+    _write_json(os.path.join(output_dir, "exogenous", f"{subject}.json"), content)
+    return records
+
+
+def _split_by_subject(
+    subjects: list[str], records: Mapping[str, list[dict]], val_fraction: float, seed: int
+) -> dict[str, list[dict]]:
+    """``{"training", "validation"}`` records, a seeded ``val_fraction`` of subjects (at least one) held out."""
+    order = list(np.random.default_rng(seed + 1).permutation(len(subjects)))
+    num_val = int(round(float(val_fraction) * len(subjects)))
+    if val_fraction > 0 and len(subjects) >= 2:
+        num_val = min(max(num_val, 1), len(subjects) - 1)
+    val_subjects = {subjects[i] for i in order[:num_val]}
+    return {
+        "training": [r for s in subjects if s not in val_subjects for r in records[s]],
+        "validation": [r for s in subjects if s in val_subjects for r in records[s]],
+    }
 
 
 def _grid_of(
