@@ -25,6 +25,9 @@ A volume ``V`` at age ``a`` is ``V(a) = V(60) * (1 + r) ** (a - 60)``; the rende
 root of that factor about their own centre, so the law holds exactly up to voxelisation. The skull and intracranial
 volume do not change with age; the brain (grey + white matter + hippocampus) shrinks because ventricles and sulci
 grow and the cortex thins. Labels are ``BRAIN_LABELS``.
+This brain is a procedural cartoon (``anatomy="phantom"``); ``anatomy="mni152"`` renders the same causal model,
+labels and files on real anatomy: the MNI152 template shipped in nilearn under per-subject random deformations
+(``scripts/cohort_mni152.py``, docs/cohort_mni152.md).
 
 Chest (2D, postero-anterior radiograph, standard display: air black, bone and soft tissue bright, patient's right
 on the image left). The image is an analytic projection: attenuation line integrals of ellipsoidal body, lungs,
