@@ -131,7 +131,8 @@ def test_every_subject_brain_fits_inside_the_default_field_of_view():
     for seed in range(4):
         u = cohort_mni152.sample_mni152_exogenous(seed)
         scaled = cohort_mni152.Mni152Exogenous.from_dict({**u.to_dict(), "size_scale": 1.06})  # the largest size
-        _, label = cohort_mni152.render_mni152(scaled, brain(60.0, sex="M"), spacing=6.0)
+        shape = tuple(int(fov / 6.0) for fov in cohort_mni152.FIELD_OF_VIEW_MM)  # the default field of view at 6 mm
+        _, label = cohort_mni152.render_mni152(scaled, brain(60.0, sex="M"), shape=shape, spacing=6.0)
         faces = [label[0], label[-1], label[:, 0], label[:, -1], label[:, :, 0], label[:, :, -1]]
         assert not any(face.any() for face in faces[:5])  # brainstem may leave through the bottom face only
 
