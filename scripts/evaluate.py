@@ -211,6 +211,7 @@ def score_compositions(
     truth: torch.Tensor,
     batch_size: int = 8,
     mask_thresholds: Sequence[float] = (),
+    outputs: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, dict[str, float]]:
     """
     Every composition (none / reconstruction / reference, each without and with the automatic mask, the mask at
@@ -236,7 +237,27 @@ def score_compositions(
             output = compose(images, parts["counterfactual"], change, mask, composition).clamp(0, 1)
             name = composition + ("" if threshold is None else f"+mask@{threshold:g}")
             table[name] = _oracle_scores(output, images, truth, changed, mask)
+            if outputs is not None:
+                outputs[name] = output
     return table
+
+
+def _directions(encoder: CovariateEncoder, records: Sequence[Mapping], targets: Sequence[Mapping]) -> dict:
+    """Record indices per direction of change ("effusion 0->1"), when the records move more than one way."""
+    groups: dict[str, list[int]] = {}
+    for index, (record, target) in enumerate(zip(records, targets)):
+        moves = [f"{k} {record[k]}->{v}" for k, v in _changes(encoder, record, target).items()
+                 if encoder.schema[k]["type"] != "continuous"]  # fmt: skip
+        if moves:
+            groups.setdefault(", ".join(moves), []).append(index)
+    return groups if len(groups) > 1 else {}
+
+
+def _subset_scores(outputs: Mapping[str, torch.Tensor], images, truth, indices) -> dict[str, dict[str, float]]:
+    chosen = torch.as_tensor(indices)
+    changed = (truth[chosen] - images[chosen]).abs() > UNCHANGED_TOLERANCE
+    return {name: {**_oracle_scores(output[chosen], images[chosen], truth[chosen], changed, None),
+                   "num_scans": len(indices)} for name, output in outputs.items()}  # fmt: skip
 
 
 def compare_compositions(
@@ -254,13 +275,20 @@ def compare_compositions(
     batch_size: int = 8,
     mask_thresholds: Sequence[float] = (1.0, 2.0, 3.0, 4.0, 6.0),
     min_share_kept: float = 0.9,
+    evaluator_dir: str | None = None,
+    predictor_channels: Sequence[int] = (),
+    segmenter_channels: Sequence[int] = (),
+    spatial_dims: int = 3,
 ) -> dict[str, Any]:
     """
     The composition table of `score_compositions` for each intervention over `datalist[datalist_key]`, and the
     recommended setting: the highest mean gain over doing nothing among the variants that keep at least
     `min_share_kept` of the share of the true change that the raw decode ("none") reaches. Run it on a validation
     split to choose `composition` / `mask_threshold`, then score held-out scans with the chosen values.
-    Writes compositions.json and compositions.md into `output_dir` (all or nothing, no evaluator needed).
+    An intervention that moves a covariate both ways over the records (a "flip": adding and removing a finding) is
+    also scored per direction. With trained evaluators in `evaluator_dir`, each variant's effectiveness is added
+    (how often the covariate predictor reads the asked value; for age, its absolute error).
+    Writes compositions.json and compositions.md into `output_dir` (all or nothing).
     """
     started = time.perf_counter()
     records = load_datalist(datalist, datalist_key)[:num_records]
@@ -268,6 +296,9 @@ def compare_compositions(
         raise ValueError(f"{datalist}: '{datalist_key}' has {len(records)} record(s); the comparison needs 2 or more.")
     _check_cohort(cohort_dir, records, datalist)
     images = E.load_cohort_split(datalist, datalist_key, encoder, transform, image_size, False, num_records)["images"]
+    predictor = None
+    if evaluator_dir and (Path(evaluator_dir) / "predictor.pt").is_file():
+        predictor = E.load_evaluators(evaluator_dir, encoder, spatial_dims, predictor_channels, segmenter_channels)[0]
     source = torch.stack([encoder.encode(r).reshape(1, -1) for r in records]).float()
     folder = _made(Path(output_dir))
     staged = Path(tempfile.mkdtemp(prefix=".compositions.", dir=folder))
@@ -278,15 +309,28 @@ def compare_compositions(
             truth = torch.stack([_load_truth(cohort_dir, r, _changes(encoder, r, t), transform, staged / "truth",
                                              image_size)[0] for r, t in zip(records, targets)])  # fmt: skip
             target = torch.stack([encoder.encode(t).reshape(1, -1) for t in targets]).float()
-            tables[_tag(spec)] = score_compositions(
-                inferer, network, images, source, target, truth, batch_size, mask_thresholds
+            outputs: dict[str, torch.Tensor] = {}
+            table = score_compositions(
+                inferer, network, images, source, target, truth, batch_size, mask_thresholds, outputs
             )
+            if predictor is not None:
+                changed = sorted({k for r, t in zip(records, targets) for k in _changes(encoder, r, t)})
+                for name, output in outputs.items():
+                    rows = E.decode_predictions(encoder, E.predict(predictor, output))
+                    table[name]["effectiveness"] = {
+                        k: v["counterfactual"]
+                        for k, v in _effectiveness(encoder, {"counterfactual": rows}, targets, changed).items()
+                    }
+            tables[_tag(spec)] = table
+            for direction, chosen in _directions(encoder, records, targets).items():
+                tables[f"{_tag(spec)} [{direction}]"] = _subset_scores(outputs, images, truth, chosen)
             scores = tables[_tag(spec)]
             summary = [
                 f"{k} {v['gain_over_doing_nothing']:+.3f}/{v['share_of_true_change']:.3f}" for k, v in scores.items()
             ]
             print(f"{_tag(spec)} (gain/share): " + ", ".join(summary))
-        report = {"interventions": tables, "recommended": _recommended(tables, min_share_kept),
+        whole = {tag: table for tag, table in tables.items() if not tag.endswith("]")}
+        report = {"interventions": tables, "recommended": _recommended(whole, min_share_kept),
                   "settings": {"datalist": str(datalist), "datalist_key": datalist_key, "num_records": len(records),
                                "unchanged_tolerance": UNCHANGED_TOLERANCE, "min_share_kept": min_share_kept,
                                "strength": inferer.strength, "guidance_scale": inferer.guidance_scale,
@@ -304,8 +348,9 @@ def compare_compositions(
 
 def _recommended(tables: Mapping[str, Mapping[str, Mapping[str, float]]], min_share_kept: float) -> dict[str, Any]:
     names = list(next(iter(tables.values())))
-    mean = {n: {k: float(np.mean([t[n][k] for t in tables.values()])) for k in tables[next(iter(tables))][n]}
-            for n in names}  # fmt: skip
+    first = next(iter(tables.values()))
+    mean = {n: {k: float(np.mean([t[n][k] for t in tables.values()])) for k, v in first[n].items()
+                if isinstance(v, float)} for n in names}  # fmt: skip
     floor = min_share_kept * mean["none"]["share_of_true_change"]
     eligible = [n for n in names if mean[n]["share_of_true_change"] >= floor] or ["none"]
     best = max(eligible, key=lambda n: mean[n]["gain_over_doing_nothing"])
@@ -656,12 +701,14 @@ def compositions_markdown(report: Mapping[str, Any]) -> str:
              f"variants keeping >= {report['settings']['min_share_kept']:g}x the raw decode's share of the true "
              "change).", "",
              "| intervention | variant | MAE to truth | gain over doing nothing | MAE where unchanged | share of true "
-             "change | mask Dice | mask fraction |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+             "change | mask Dice | mask fraction | effectiveness |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for tag, table in report["interventions"].items():
         for name, v in table.items():
             lines.append(f"| {tag} | {name} | {v['mae_to_truth']:.4f} | {v['gain_over_doing_nothing']:+.3f} | "
                          f"{v['mae_where_unchanged']:.4f} | {v['share_of_true_change']:.3f} | "
-                         f"{_fmt(v.get('mask_dice'))} | {_fmt(v.get('mask_fraction'))} |")  # fmt: skip
+                         f"{_fmt(v.get('mask_dice'))} | {_fmt(v.get('mask_fraction'))} | "
+                         f"{', '.join(f'{k} {x:.2f}' for k, x in v.get('effectiveness', {}).items())} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -180,6 +180,7 @@ def paired_null_condition(null_condition: torch.Tensor, size: int) -> torch.Tens
 
 
 COMPOSITIONS = ("reference", "reconstruction", "none")
+NOISE_QUANTILE = 0.9  # the reference chain's change level that `edit_mask` thresholds are relative to
 
 
 class CounterfactualInferer(Inferer):
@@ -210,7 +211,8 @@ class CounterfactualInferer(Inferer):
         composition: "reference", "reconstruction" or "none" (see above).
         auto_mask: also return an edit mask (`edit_mask`): where the change is small against what the reference
             chain itself changes, the output is the input, voxel for voxel. Runs the reference chain.
-        mask_threshold: the mask's threshold, in units of the reference chain's mean change |D(z_ref) - D(E(x))|.
+        mask_threshold: the mask's threshold, in units of the reference chain's own change |D(z_ref) - D(E(x))|
+            (its 90th percentile over the image; see `edit_mask`).
         mask_smoothing: Gaussian sigma (network voxels) of the mask's smoothing and soft edge.
         num_samples: n > 1 draws n counterfactuals and returns their mean and per-voxel std. Each draw starts from
             the inverted latent mixed with fresh noise, sqrt(1 - j²) z_t0 + j ε (variance preserving, j =
@@ -419,8 +421,9 @@ def edit_mask(
     Where the counterfactual's change is significant: a soft mask in [0, 1] per image (B, C, *spatial).
 
     The change's magnitude (smoothed with a Gaussian of sigma `smoothing` voxels) is compared with the reference
-    chain's own mean change |D(z_ref) - D(E(x))| (what inversion and resampling alter without any covariate
-    change): 1 at and above `threshold` times it, 0 below half of it, a smooth ramp between; the mask is smoothed
+    chain's own change |D(z_ref) - D(E(x))| (what inversion and resampling alter without any covariate change),
+    taken at its 90th percentile over the image (the level most of the chain's own noise stays under): 1 at and
+    above `threshold` times it, 0 below half of it, a smooth ramp between; the mask is smoothed
     again for a soft edge, and values under 1% are set to exactly 0, so the output there is the input itself.
     """
     spatial_dims = change.ndim - 2
@@ -428,7 +431,8 @@ def edit_mask(
     if smoothing > 0:
         blur = GaussianFilter(spatial_dims, smoothing).to(change.device)
         magnitude, noise = blur(magnitude), blur(noise)
-    scale = noise.flatten(1).mean(1).clamp_min(1e-4).reshape(-1, *([1] * (change.ndim - 1)))
+    scale = torch.quantile(noise.flatten(1).float(), NOISE_QUANTILE, dim=1).clamp_min(1e-4)
+    scale = scale.reshape(-1, *([1] * (change.ndim - 1)))
     ratio = (magnitude / (threshold * scale) - 0.5) / 0.5
     mask = ratio.clamp(0, 1)
     mask = mask * mask * (3 - 2 * mask)  # smoothstep

@@ -13,7 +13,14 @@ from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler
 
 from scripts.drift import LatentDrift
-from scripts.inferers import CounterfactualInferer, denoise_latents, invert_latents, set_inference_timesteps
+from scripts.inferers import (
+    CounterfactualInferer,
+    compose,
+    denoise_latents,
+    edit_mask,
+    invert_latents,
+    set_inference_timesteps,
+)
 from scripts.networks import ConditionedUNet, LatentDriftModel
 
 
@@ -47,9 +54,7 @@ def test_invert_then_generate_with_unchanged_covariates_reproduces_the_latent(de
     model, ddim = tiny_model(delta), scheduler()
     z0 = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     timesteps = set_inference_timesteps(ddim, 20)[8:]
-    inverted = invert_latents(
-        model, ddim, z0, condition(0.3), timesteps, drift=model.drift, fixed_point_iterations=16
-    )
+    inverted = invert_latents(model, ddim, z0, condition(0.3), timesteps, drift=model.drift, fixed_point_iterations=16)
     reconstructed = denoise_latents(model, ddim, inverted, condition(0.3), timesteps, drift=model.drift)
     torch.testing.assert_close(reconstructed, z0, rtol=1e-4, atol=1e-4)
 
@@ -147,3 +152,56 @@ def test_a_datalist_runs_in_batches_and_matches_one_by_one(untrained_bundle, bun
             assert record["source"]["age"] == 60 + index and record["target"]["age"] == 85
     for one, batched in zip(outputs["1"], outputs["3"]):
         np.testing.assert_allclose(batched, one, atol=1e-3)
+
+
+# --- keeping the subject: composition and masks ----------------------------------------------------------------------
+
+
+def test_target_equal_to_source_gives_the_input_back():
+    model, image = tiny_model(), torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(4))
+    inferer = CounterfactualInferer(scheduler(), num_inference_steps=6, composition="reference", auto_mask=False)
+    result = inferer(image, model, condition(0.4), condition(0.4))
+    torch.testing.assert_close(compose(image, result["counterfactual"], result["change"], None, "reference"), image)
+    masked = CounterfactualInferer(scheduler(), num_inference_steps=6)(image, model, condition(0.4), condition(0.4))
+    assert not masked["edit_mask"].any(), "no change: the automatic mask must be empty"
+    assert torch.equal(
+        compose(image, masked["counterfactual"], masked["change"], masked["edit_mask"], "reference"), image
+    )
+
+
+def test_voxels_outside_the_mask_are_bit_identical_to_the_input():
+    image = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    change = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(6))
+    mask = torch.zeros_like(image)
+    mask[..., :8] = torch.linspace(0.2, 1.0, 8)
+    for composition in ("reference", "reconstruction", "none"):
+        output = compose(image, image + change, change, mask, composition)
+        assert torch.equal(output[..., 8:], image[..., 8:]), composition
+        assert not torch.equal(output[..., :8], image[..., :8]), composition
+
+
+def test_the_automatic_mask_covers_a_large_change_and_nothing_far_from_it():
+    change = torch.zeros(1, 1, 32, 32)
+    change[..., 10:16, 10:16] = 0.5
+    chain_noise = torch.full_like(change, 0.01)
+    mask = edit_mask(change, chain_noise, threshold=2.0, smoothing=1.0)
+    assert mask[..., 12, 12] > 0.9 and mask[..., 30, 30] == 0 and mask[..., 2, 28] == 0
+    assert ((mask > 0) & (mask < 1)).any(), "the edge is soft"
+    assert not edit_mask(torch.zeros_like(change), chain_noise).any()
+
+
+def test_the_inferer_runs_at_the_weights_drift_unless_told_otherwise():
+    model = tiny_model(delta=0.2)
+    own = CounterfactualInferer(scheduler())
+    assert own.resolve_drift(model) is model.drift
+    marginal = CounterfactualInferer(scheduler(), drift_schedule="marginal").resolve_drift(model)
+    assert marginal.schedule == "marginal" and marginal.delta.tolist() == pytest.approx(0.2)
+    override = CounterfactualInferer(scheduler(), delta=0.05, drift_schedule="marginal")
+    assert override.describe_drift(model) == {"delta": pytest.approx(0.05), "schedule": "marginal",
+                                              "delta_from": "inference_delta"}  # fmt: skip
+
+
+@pytest.mark.parametrize("arguments", [{"composition": "blend"}, {"mask_threshold": 0}, {"drift_schedule": "linear"}])
+def test_unknown_composition_mask_or_schedule_settings_are_refused(arguments):
+    with pytest.raises(ValueError):
+        CounterfactualInferer(scheduler(), **arguments)

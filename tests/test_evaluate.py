@@ -239,3 +239,21 @@ def test_evaluate_rejects_bad_interventions_and_missing_evaluators_before_comput
         assert result.returncode != 0 and not out.exists()
         assert message in result.stderr.strip().splitlines()[-1]
     assert Path(chest_cohort / "evaluators" / "predictor.pt").is_file()
+
+
+def test_composition_scores_are_perfect_for_the_truth_and_zero_for_doing_nothing():
+    from scripts.evaluate import _oracle_scores
+
+    images = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    truth = images.clone()
+    truth[..., 4:8, 4:8] += 0.3
+    changed = (truth - images).abs() > 0.02
+    perfect = _oracle_scores(truth, images, truth, changed, None)
+    assert perfect["gain_over_doing_nothing"] == pytest.approx(1.0) and perfect[
+        "share_of_true_change"
+    ] == pytest.approx(1)
+    nothing = _oracle_scores(images, images, truth, changed, changed.float())
+    assert nothing["gain_over_doing_nothing"] == pytest.approx(0.0) and nothing["share_of_true_change"] == 0.0
+    assert nothing["mask_dice"] == pytest.approx(1.0) and nothing["mae_where_unchanged"] == 0.0
+    wrong_way = _oracle_scores(images - (truth - images), images, truth, changed, None)
+    assert wrong_way["share_of_true_change"] == pytest.approx(-1.0) and wrong_way["gain_over_doing_nothing"] < 0
