@@ -53,6 +53,12 @@ class LatentDrift(nn.Module):
         self.register_buffer("delta", values, persistent=False)
 
     @property
+    def values(self) -> float | list[float]:
+        """δ as plain numbers, as the user wrote them (0.1, not float32's 0.10000000149011612)."""
+        rounded = [float(f"{v:.7g}") for v in self.delta.reshape(-1).tolist()]
+        return rounded[0] if self.delta.ndim == 0 else rounded
+
+    @property
     def is_zero(self) -> bool:
         return bool((self.delta == 0).all())
 

@@ -231,7 +231,7 @@ def score_compositions(
     changed = (truth - images).abs() > UNCHANGED_TOLERANCE
     table = {}
     for composition, masked in COMPOSITION_VARIANTS:
-        for threshold, mask in masks.items() if masked else [(None, None)]:
+        for threshold, mask in sorted(masks.items()) if masked else [(None, None)]:
             change = {"none": parts["counterfactual"] - images, "reconstruction": parts["counterfactual"] -
                       parts["reconstruction"], "reference": parts["change"]}[composition]  # fmt: skip
             output = compose(images, parts["counterfactual"], change, mask, composition).clamp(0, 1)
@@ -707,7 +707,7 @@ def compositions_markdown(report: Mapping[str, Any]) -> str:
         for name, v in table.items():
             lines.append(f"| {tag} | {name} | {v['mae_to_truth']:.4f} | {v['gain_over_doing_nothing']:+.3f} | "
                          f"{v['mae_where_unchanged']:.4f} | {v['share_of_true_change']:.3f} | "
-                         f"{_fmt(v.get('mask_dice'))} | {_fmt(v.get('mask_fraction'))} | "
+                         f"{_fmt(v.get('mask_dice', '-'))} | {_fmt(v.get('mask_fraction', '-'))} | "
                          f"{', '.join(f'{k} {x:.2f}' for k, x in v.get('effectiveness', {}).items())} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 

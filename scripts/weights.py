@@ -49,7 +49,7 @@ def weights_metadata(
     """The metadata block of a weights file: the drift, the covariate schema, the network's config keys, `extra`."""
     metadata: dict[str, Any] = {}
     if drift is not None:
-        metadata["drift"] = {"delta": _float32_repr(drift.delta.tolist()), "schedule": drift.schedule}
+        metadata["drift"] = {"delta": drift.values, "schedule": drift.schedule}
     if covariate_schema is not None:
         metadata["covariate_schema"] = _plain(covariate_schema)
     if network is not None:
@@ -77,6 +77,11 @@ def read_weights(path: str | Path, checkpoint_key: str = "model") -> tuple[dict[
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds; the user needs the file and what to do
+        if "weights_only" in str(error):  # a pickle of arbitrary objects: loading it could run code
+            raise ValueError(
+                f"{path}: holds Python objects besides tensors and plain values, which are not loaded (unpickling "
+                "them could run code); save only the state dict, e.g. with scripts.weights.save_weights."
+            ) from None
         reason = " ".join(str(error).split())[:200]
         raise ValueError(
             f"{path}: not a readable weights file ({type(error).__name__}: {reason}); it may be truncated or not "
@@ -179,11 +184,6 @@ def shipped_sha256(bundle_root: str, path: str) -> str | None:
                 raise ValueError(f"large_files.yml: {entry['path']} must use hash_type sha256.")
             return str(entry["hash_val"]).lower()
     return None
-
-
-def _float32_repr(value: float | list[float]) -> float | list[float]:
-    """δ as the user wrote it (0.1, not float32's 0.10000000149011612)."""
-    return [float(f"{v:.7g}") for v in value] if isinstance(value, list) else float(f"{value:.7g}")
 
 
 def _plain(value: Any) -> Any:

@@ -75,7 +75,8 @@ def test_the_marginal_schedule_alone_runs_at_the_weights_delta_and_says_so(untra
         out = tmp_path / schedule
         # inversion retraces either schedule's sampling exactly: start mostly from noise to see the schedule act
         run_tiny(bundle_cli, untrained_bundle, out, "--target", TARGET, "--inference_drift_schedule", schedule,
-                 "--composition", "none", "--auto_mask", "false", "--num_samples", "2", "--sample_jitter", "0.9")  # fmt: skip
+                 "--composition", "none", "--auto_mask", "false", "--num_samples", "2",
+                 "--sample_jitter", "0.9")  # fmt: skip
         record = json.loads((out / "scan_record.json").read_text())
         assert record["drift"] == {"delta": pytest.approx(0.1), "schedule": schedule, "delta_from": "config"}
         assert len(record["weights"]["sha256"]) == 64

@@ -130,7 +130,8 @@ def test_final_weights_carry_what_they_were_trained_with(trained):
     delta = json.loads(trained["common"][trained["common"].index("--delta") + 1])
     assert metadata["drift"] == {"delta": delta, "schedule": "paper"}
     assert set(metadata["covariate_schema"]) >= {"age", "sex"}
-    assert metadata["network"]["image_size"] == json.loads(trained["common"][trained["common"].index("--image_size") + 1])
+    image_size = trained["common"][trained["common"].index("--image_size") + 1]
+    assert metadata["network"]["image_size"] == json.loads(image_size)
     profile = metadata["reconstruction_error"]
     assert len(profile["values"]) > 0 and profile["percentile"] == 99.0
     assert min(profile["values"]) <= profile["threshold"] <= max(profile["values"])

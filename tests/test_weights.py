@@ -83,3 +83,10 @@ def test_a_newer_format_version_is_refused(tmp_path):
     torch.save({"format": WEIGHTS_FORMAT, "format_version": FORMAT_VERSION + 1, "state_dict": {}}, tmp_path / "n.pt")
     with pytest.raises(ValueError, match="newer than this bundle reads"):
         read_weights(tmp_path / "n.pt")
+
+
+def test_a_pickle_of_arbitrary_objects_is_refused_without_suggesting_to_unpickle_it(tmp_path):
+    torch.save({"state_dict": {}, "module": nn.Linear(2, 2)}, tmp_path / "p.pt")
+    with pytest.raises(ValueError, match=r"p\.pt: holds Python objects") as caught:
+        read_weights(tmp_path / "p.pt")
+    assert "weights_only=False" not in str(caught.value)

@@ -218,9 +218,9 @@ class CounterfactualOperator(Operator):
 class CounterfactualWriterOperator(Operator):
     """
     Moves the bundle's outputs from the hidden staging folder into the output folder, only once every file exists:
-    `<name>_counterfactual.nii.gz` and `<name>_difference.nii.gz` (the input's grid and affine; for DICOM input the
-    series' patient geometry), `<name>_montage.png`, `<name>_record.json`, and for DICOM input also
-    `<name>_counterfactual_dicom/`, the counterfactual as a new DICOM series beside the input's.
+    `<name>_counterfactual.nii.gz`, `<name>_difference.nii.gz` and `<name>_mask.nii.gz` (the input's grid and
+    affine; for DICOM input the series' patient geometry), `<name>_montage.png`, `<name>_record.json`, and for
+    DICOM input also `<name>_counterfactual_dicom/`, the counterfactual as a new DICOM series beside the input's.
 
     Named input: result.
     """
