@@ -241,6 +241,34 @@ def test_evaluate_rejects_bad_interventions_and_missing_evaluators_before_comput
     assert Path(chest_cohort / "evaluators" / "predictor.pt").is_file()
 
 
+@pytest.mark.slow
+def test_compositions_run_scores_every_variant_and_recommends_one(chest_cohort, tmp_path):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([f"configs/{name}" for name in CHEST])
+    parser.update(SMALL)
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "model.pt")
+    out = tmp_path / "compositions"
+    run_bundle(
+        "compositions", [*CHEST, "inference.json", "evaluate.json"], *SMALL_CHEST, "--model_path",
+        str(tmp_path / "model.pt"), "--dataset_dir", str(chest_cohort / "cohort"), "--evaluator_dir",
+        str(chest_cohort / "evaluators"), "--results_dir", str(out), "--num_records", "6", "--num_inference_steps", "3",
+        "--interventions", "[{'effusion': 'flip'}]", "--mask_thresholds", "[1.0, 3.0]",
+    )  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["compositions.json", "compositions.md"]
+    report = json.loads((out / "compositions.json").read_text())
+    table = report["interventions"]["effusion=flip"]
+    assert {"none", "reconstruction", "reference", "reference+mask@1", "reconstruction+mask@3"} <= set(table)
+    for scores in table.values():
+        assert scores["mae_to_truth"] > 0 and "effusion_accuracy" in scores["effectiveness"]
+    assert 0 <= table["reference+mask@1"]["mask_dice"] <= 1
+    assert report["recommended"]["variant"] in report["recommended"]["eligible"]
+    directions = [tag for tag in report["interventions"] if tag.startswith("effusion=flip [")]
+    assert directions, "a flip over scans with and without the finding is also scored per direction"
+
+
 def test_composition_scores_are_perfect_for_the_truth_and_zero_for_doing_nothing():
     from scripts.evaluate import _oracle_scores
 
