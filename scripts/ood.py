@@ -49,14 +49,15 @@ def reconstruction_profile(
     seen, and new subjects of the same cohort cross it far more often than it promises.
     """
     errors = sorted(reconstruction_errors(network, batches, image_key))
-    if len(errors) < 2:
-        raise ValueError("cannot measure the reconstruction error profile: it needs 2 or more validation images.")
-    logs = np.log(np.maximum(errors, 1e-12))
-    z = statistics.NormalDist().inv_cdf(percentile / 100)
+    threshold = None  # fewer than 2 scans give no spread: the check then says it is unavailable
+    if len(errors) >= 2:
+        logs = np.log(np.maximum(errors, 1e-12))
+        z = statistics.NormalDist().inv_cdf(percentile / 100)
+        threshold = float(np.exp(logs.mean() + z * logs.std(ddof=1)))
     return {
         "values": [round(e, 6) for e in errors],
         "percentile": float(percentile),
-        "threshold": float(np.exp(logs.mean() + z * logs.std(ddof=1))),
+        "threshold": threshold,
         "fit": "log-normal",
         "measured_on": "validation scans after the inference preprocessing",
     }
@@ -100,11 +101,11 @@ def out_of_distribution(metadata: Mapping[str, Any] | None, error: float | None,
     each finding and return the record's "out_of_distribution" entry.
     """
     profile = (metadata or {}).get("reconstruction_error")
-    if not profile or error is None:
+    if not profile or profile.get("threshold") is None or error is None:
         return {
             "available": False,
-            "reason": "the weights carry no reconstruction-error profile (saved before this check existed, or not "
-            "by stage-2 training); re-save them with configs/stamp_weights.json to enable it",
+            "reason": "the weights carry no reconstruction-error profile (saved before this check existed, not by "
+            "stage-2 training, or from fewer than 2 validation scans); re-save them with configs/stamp_weights.json",
         }
     values = np.asarray(profile["values"], dtype=float)
     rank = float((values < error).mean() * 100)

@@ -18,6 +18,8 @@ PROFILE = {"values": [0.01, 0.012, 0.013, 0.015, 0.02], "percentile": 99.0, "thr
 def test_weights_without_a_profile_say_the_check_is_unavailable():
     assert out_of_distribution(None, 0.5, "scan.nii.gz")["available"] is False
     assert out_of_distribution({"drift": {}}, 0.5, "scan.nii.gz")["available"] is False
+    one_scan = {"reconstruction_error": {**PROFILE, "values": [0.01], "threshold": None}}
+    assert out_of_distribution(one_scan, 0.5, "scan.nii.gz")["available"] is False
 
 
 def test_an_error_above_the_threshold_warns_with_both_numbers_and_the_percentile(caplog):

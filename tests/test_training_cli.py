@@ -133,8 +133,8 @@ def test_final_weights_carry_what_they_were_trained_with(trained):
     image_size = trained["common"][trained["common"].index("--image_size") + 1]
     assert metadata["network"]["image_size"] == json.loads(image_size)
     profile = metadata["reconstruction_error"]
-    assert len(profile["values"]) > 0 and profile["percentile"] == 99.0
-    assert min(profile["values"]) <= profile["threshold"] <= max(profile["values"])
+    assert len(profile["values"]) >= 2 and profile["percentile"] == 99.9
+    assert min(profile["values"]) < profile["threshold"] < 10 * max(profile["values"])  # a fitted upper tail
     assert metadata["input_profile"]["count"] > 0
 
 
