@@ -104,6 +104,7 @@ class CounterfactualInferTask(BundleInferTask):
             type=InferType.OTHERS,
             add_post_restore=False,  # the bundle's Invertd already puts the result on the input grid
             load_strict=True,
+            model_state_dict="state_dict",  # the bundle's weights format (scripts/weights.py) nests the state dict
         )
         if not self.valid:
             raise FileNotFoundError(
