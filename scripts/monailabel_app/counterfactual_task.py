@@ -271,7 +271,8 @@ class CounterfactualInferTask(BundleInferTask):
         batch = {key: data[key][None] for key in (self.input_key, "condition", "target_condition")}
         image, _, _, conditions = prepare_batch(batch, torch.device(device))
         with torch.no_grad():
-            data[self.output_label_key] = inferer(image, network, **conditions)[0]
+            result = inferer(image, network, **conditions)  # a dict of batched outputs (see CounterfactualInferer)
+            data[self.output_label_key] = {key: value[0] for key, value in result.items()}
         return data
 
     def writer(self, data: dict[str, Any], extension: str | None = None, dtype: Any = None) -> tuple[str, dict]:
