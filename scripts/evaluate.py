@@ -3,7 +3,7 @@
 For each held-out cohort scan x with covariates s and each configured intervention (target t), the bundle's
 `CounterfactualInferer` gives cf = CF(x; s -> t), the generator's oracle gives the exact counterfactual x* (same
 exogenous factors U, covariates t), and the evaluators trained on the cohort (`scripts.evaluators`) read both.
-Scores (DESIGN.md sections 5, 7, 8; Monteiro et al., ICLR 2023 for the axioms):
+Scores (docs/evaluation.md; Monteiro et al., ICLR 2023 for the axioms):
 
 - oracle: MAE, PSNR, SSIM, MS-SSIM of cf against x* (and, as the do-nothing baseline, of x against x*); volume
   errors of cf's segmented ventricles / hippocampus / brain (chest: cardiothoracic ratio, effusion fraction) against

@@ -1,6 +1,6 @@
 """In-domain evaluator networks trained on a cohort: the anti-causal covariate predictor and the tissue segmenter.
 
-Counterfactuals are judged with networks that never saw a generated image (DESIGN.md section 8):
+Counterfactuals are judged with networks that never saw a generated image (docs/evaluation.md):
 
 - `CovariatePredictor` reads an image and predicts every covariate of the bundle's `covariate_schema` (age
   regression, sex / finding logits, diagnosis classes). It gives *effectiveness* and *minimality* (did the asked

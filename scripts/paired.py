@@ -1,6 +1,6 @@
 """Paired counterfactuals from longitudinal data: pair datalist, per-image preprocessing, training batch and sampling.
 
-The InstructPix2Pix analogue of DESIGN.md section 5.2 (Brooks et al., CVPR 2023), with Latent Drift. The denoiser
+The InstructPix2Pix analogue for longitudinal pairs (Brooks et al., CVPR 2023), with Latent Drift. The denoiser
 ε_θ(z_t, t, c) sees the source latent as extra input channels and both covariate vectors as its condition:
 
     input       [z_t^target, z_0^source]                     (B, 2C, *spatial)

@@ -5,7 +5,7 @@ Every synthetic image is ``render(U, covariates)``: a deterministic function of 
 covariates a counterfactual question changes (age, sex, diagnosis; cardiomegaly, effusion). Holding ``U`` fixed
 and changing covariates gives the *exact* counterfactual (Pearl's abduction -> action -> prediction with the
 abduction known), so counterfactual, volume and longitudinal errors of a generative model can be measured against
-the truth (DESIGN.md section 7).
+the truth (docs/evaluation.md).
 
 Brain (3D, T1-weighted-like, RAS voxel grid, millimetre anatomy). Causal mechanisms, compounded per year from
 ``REFERENCE_AGE`` (60 years) and applied to the subject's own anatomy:
