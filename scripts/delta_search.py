@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,9 +25,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from scripts.counterfactual import _atomic_copy_into, _made, _views
+from scripts.counterfactual import mid_slices
 from scripts.data import load_datalist
 from scripts.drift import LatentDrift
+from scripts.files import staged_folder
 from scripts.inferers import sample_latents
 from scripts.transforms import CovariateEncoder
 
@@ -94,7 +93,7 @@ def find_delta(
     deltas = check_grid(deltas)
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}.")
-    folder = _made(Path(output_dir))
+    Path(output_dir).mkdir(parents=True, exist_ok=True)  # fails here, before any compute, if it cannot
     real, conditions, files = load_real_records(datalist, datalist_key, encoder, transform, num_records)
     device = next(model.parameters()).device
     latent_shape = model.encode(real[:1].to(device)).shape[1:]
@@ -122,14 +121,10 @@ def find_delta(
                      "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
                      "drift_schedule": drift_schedule, "seed": seed},
     }  # fmt: skip
-    staged = Path(tempfile.mkdtemp(prefix=".delta_search.", dir=folder))
-    try:
+    with staged_folder(output_dir, prefix=".delta_search.") as staged:
         (staged / "delta_search.json").write_text(json.dumps(result, indent=4))
         plot_curve(curve, criterion, best["delta"]).save(staged / "delta_search.png")
         sample_strip(pictures, deltas).save(staged / "delta_search_samples.png")
-        _atomic_copy_into(folder, staged)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
     return result
 
 
@@ -170,7 +165,7 @@ def plot_curve(curve: list[dict], criterion: str, chosen: float, size: tuple[int
 
 def sample_strip(pictures: list[np.ndarray], deltas: Sequence[float]) -> Image.Image:
     """Record 0's sample at each delta, side by side (mid axial slice in 3D), labelled with delta."""
-    panels = [(np.clip(_views(p)[0], 0, 1) * 255).astype(np.uint8) for p in pictures]
+    panels = [(np.clip(mid_slices(p)[0], 0, 1) * 255).astype(np.uint8) for p in pictures]
     height = max(p.shape[0] for p in panels)
     panels = [np.pad(p, ((0, height - p.shape[0]), (0, 0))) for p in panels]
     scale = max(1, 128 // height)

@@ -30,7 +30,6 @@ import copy
 import json
 import math
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -44,8 +43,9 @@ from PIL import Image, ImageDraw
 
 from scripts import evaluators as E
 from scripts import phantoms
-from scripts.counterfactual import _atomic_copy_into, _diverging, _made, _views
+from scripts.counterfactual import diverging, mid_slices
 from scripts.data import load_datalist
+from scripts.files import staged_folder
 from scripts.inferers import CounterfactualInferer, compose, edit_mask, precision_context, sample_latents
 from scripts.transforms import CovariateEncoder
 
@@ -300,9 +300,7 @@ def compare_compositions(
     if evaluator_dir and (Path(evaluator_dir) / "predictor.pt").is_file():
         predictor = E.load_evaluators(evaluator_dir, encoder, spatial_dims, predictor_channels, segmenter_channels)[0]
     source = torch.stack([encoder.encode(r).reshape(1, -1) for r in records]).float()
-    folder = _made(Path(output_dir))
-    staged = Path(tempfile.mkdtemp(prefix=".compositions.", dir=folder))
-    try:
+    with staged_folder(output_dir, prefix=".compositions.") as staged:
         tables = {}
         for spec in interventions:
             targets = [apply_intervention(encoder, r, spec) for r in records]
@@ -340,9 +338,6 @@ def compare_compositions(
         shutil.rmtree(staged / "truth", ignore_errors=True)
         (staged / "compositions.json").write_text(json.dumps(report, indent=4) + "\n")
         (staged / "compositions.md").write_text(compositions_markdown(report))
-        _atomic_copy_into(folder, staged)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
     return report
 
 
@@ -523,9 +518,7 @@ def evaluate(
     rows_input = E.decode_predictions(encoder, E.predict(predictor, images))
     rows_recon = E.decode_predictions(encoder, E.predict(predictor, recon))
 
-    folder = _made(Path(output_dir))
-    staged = Path(tempfile.mkdtemp(prefix=".evaluation.", dir=folder))
-    try:
+    with staged_folder(output_dir, prefix=".evaluation.") as staged:
         report: dict[str, Any] = {"interventions": {}, "settings": {}}
         montage_rows, oracle_bars = [], []
         if axioms:
@@ -612,9 +605,6 @@ def evaluate(
         (staged / "evaluation.md").write_text(markdown_report(report))
         write_montage(staged / "evaluation_montage.png", montage_rows)
         bar_plot(oracle_bars).save(staged / "evaluation_oracle.png")
-        _atomic_copy_into(folder, staged)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
     return report
 
 
@@ -716,9 +706,9 @@ def write_montage(path: Path, rows: Sequence[tuple]) -> None:
     """One block per intervention (first scan): input | counterfactual | truth | cf - input | truth - input."""
     blocks = []
     for _, image, cf, truth in rows:
-        for views in zip(*(_views(t[0].numpy()) for t in (image, cf, truth))):
+        for views in zip(*(mid_slices(t[0].numpy()) for t in (image, cf, truth))):
             gray = [np.repeat((np.clip(v, 0, 1) * 255).astype(np.uint8)[..., None], 3, -1) for v in views]
-            panels = gray + [_diverging(views[1] - views[0], 0.25), _diverging(views[2] - views[0], 0.25)]
+            panels = gray + [diverging(views[1] - views[0], 0.25), diverging(views[2] - views[0], 0.25)]
             blocks.append(np.concatenate([np.pad(p, ((0, 2), (0, 2), (0, 0))) for p in panels], 1))
     width = max(b.shape[1] for b in blocks)
     picture = np.concatenate([np.pad(b, ((0, 0), (0, width - b.shape[1]), (0, 0))) for b in blocks], 0)

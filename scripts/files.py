@@ -1,11 +1,13 @@
-"""Atomic file writing: every file the bundle writes appears whole or not at all."""
+"""Atomic file writing: every file (and every set of files) the bundle writes appears whole or not at all."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,3 +32,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], suffix: s
 def atomic_write_json(content: Any, path: str | os.PathLike) -> None:
     """JSON, 4-space indented, written atomically."""
     atomic_write(path, lambda temporary: Path(temporary).write_text(json.dumps(content, indent=4) + "\n"), ".json")
+
+
+@contextmanager
+def staged_folder(folder: str | os.PathLike, prefix: str = ".staged.") -> Iterator[Path]:
+    """
+    A hidden temporary folder inside `folder` to write a set of files into; when the block ends without error its
+    entries are renamed into `folder` (each appears whole), and the temporary folder is removed either way.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=prefix, dir=folder))
+    try:
+        yield staged
+        for entry in staged.iterdir():
+            os.replace(entry, folder / entry.name)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)

@@ -1,7 +1,8 @@
-"""MONAI transforms of the bundle: covariate encoding, condition dropout and the drifted forward noising."""
+"""MONAI transforms of the bundle: covariate encoding, condition dropout, the drifted forward noising, input views."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
@@ -214,6 +215,54 @@ class DriftNoised(RandomizableTransform, MapTransform):
             noise = torch.randn(z0.shape, generator=generator, dtype=z0.dtype).to(z0.device)
             noisy, target = self.drift.add_noise(self.scheduler, z0, noise, timesteps.to(z0.device))
             d[self.noisy_key], d[self.target_key], d[self.timesteps_key] = noisy, target, timesteps.to(z0.device)
+        return d
+
+
+class CheckFieldOfViewd(MapTransform):
+    """
+    Dictionary transform, placed just before the crop to the network's grid: measures how much of the image's
+    foreground (intensities above `foreground` on the [0, 1] scale) the centred crop to `spatial_size` leaves out.
+    Above `tolerance` it logs a warning naming the share and what to do, and writes it to `warnings_key` (always
+    set, "" without a warning, so records batch together; the counterfactual's record lists it). The output keeps
+    the input outside the model's view.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        spatial_size: Sequence[int],
+        pixdim: Sequence[float] | None = None,
+        foreground: float = 0.1,
+        tolerance: float = 0.01,
+        warnings_key: str = "warnings",
+    ) -> None:
+        super().__init__(keys)
+        self.warnings_key = warnings_key
+        self.spatial_size, self.pixdim = [int(s) for s in spatial_size], pixdim
+        self.foreground, self.tolerance = foreground, tolerance
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        d[self.warnings_key] = ""
+        for key in self.key_iterator(d):
+            image = d[key]
+            inside = torch.as_tensor(image[0]) > self.foreground
+            total = int(inside.sum())
+            window = tuple(
+                slice(max(0, (n - s) // 2), max(0, (n - s) // 2) + s) for n, s in zip(inside.shape, self.spatial_size)
+            )
+            outside = total - int(inside[window].sum())
+            if total and outside / total > self.tolerance:
+                spacing = f" at {list(self.pixdim)} mm" if self.pixdim is not None else ""
+                extent = [round(n * float(p)) for n, p in zip(inside.shape, self.pixdim)] if self.pixdim else None
+                warning = (
+                    f"{_source_name(d)}: {100 * outside / total:.0f}% of the scan's foreground lies outside the "
+                    f"model's field of view ({self.spatial_size} voxels{spacing}"
+                    + (f"; the scan spans {extent} mm" if extent else "")
+                    + ") and is left unchanged; crop the scan to the anatomy, or use a coarser pixdim, to cover it."
+                )
+                logging.getLogger(__name__).warning(warning)
+                d[self.warnings_key] = warning
         return d
 
 

@@ -89,3 +89,38 @@ def untrained_bundle(tmp_path_factory):
     affine = np.array([[-5.0, 0, 0, 90], [0, 5.0, 0, -100], [0, 0, 4.0, -60], [0, 0, 0, 1]])
     nib.save(nib.Nifti1Image(volume, affine), root / "scan.nii.gz")
     return root
+
+
+# The same for the chest preset: a tiny 2D network (overrides of configs/common.json + configs/chest_xray_2d.json).
+TINY_2D = {
+    "autoencoder_channels": [8, 16],
+    "latent_channels": 3,
+    "unet_channels": [8, 16],
+    "norm_num_groups": 8,
+    "cross_attention_dim": 16,
+    "image_size": [32, 32],
+}
+
+
+def tiny_chest_overrides(root: Path, *extra: str) -> list[str]:
+    """CLI overrides for TINY_2D with the untrained weights of `untrained_chest_bundle` and 2 DDIM steps."""
+    arguments = []
+    for key, value in TINY_2D.items():
+        arguments += [f"--{key}", json.dumps(value)]
+    return [*arguments, "--model_path", str(root / "model.pt"), "--num_inference_steps", "2", "--progress", "false",
+            *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def untrained_chest_bundle(tmp_path_factory):
+    """A tiny untrained 2D chest network built from the bundle's own configs, saved as model.pt."""
+    from monai.bundle import ConfigParser
+
+    root = tmp_path_factory.mktemp("chest")
+    parser = ConfigParser()
+    names = ("common.json", "chest_xray_2d.json", "inference.json")
+    parser.read_config([str(BUNDLE_ROOT / "configs" / name) for name in names])
+    parser.update(TINY_2D)
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), root / "model.pt")
+    return root

@@ -6,7 +6,9 @@ network (see conftest.untrained_bundle) with one input, covariate, datalist or c
 
 from __future__ import annotations
 
+import argparse
 import gzip
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -60,7 +62,11 @@ CASES = [
         lambda d, r: ["--image", str(_write_bytes(d / "corrupt.nii.gz", gzip.compress(b"not a nifti header" * 20)))],
         "as NIfTI (corrupt, truncated or not an image file",
     ),
-    ("truncated-nifti", lambda d, r: ["--image", _truncated(d, r / "scan.nii.gz")], "as NIfTI (corrupt, truncated"),
+    (
+        "truncated-nifti",
+        lambda d, r: ["--image", _truncated(d, r / "scan.nii.gz")],
+        "as NIfTI (truncated: the header promises",
+    ),
     (
         "2d-image-to-3d-model",
         lambda d, r: ["--image", str(_png(d / "film.png"))],
@@ -131,7 +137,88 @@ CASES = [
         "does not fit the network built from the config",
     ),
     ("bad-flag", lambda d, r: ["--paired", "maybe"], "paired must be true or false, got 'maybe'"),
+    # hostile but realistic inputs (each was a failure after compute, a crash or a silent wrong result once)
+    (
+        "datalist-record-2-with-nan-affine",
+        lambda d, r: ["--input_datalist", _two_records(d, r, _nan_affine(d))],
+        "nan_affine.nii.gz has a non-finite or singular affine",
+    ),
+    (
+        "truncated-uncompressed-nifti",
+        lambda d, r: ["--image", _truncated_uncompressed(d)],
+        "as NIfTI (truncated: the header promises 32,352 bytes, the file holds 16,176)",
+    ),
+    (
+        "tiny-volume",
+        lambda d, r: ["--image", _volume(d, "tiny.nii.gz", np.random.rand(8, 8, 8) + 1)],
+        "has shape (8, 8, 8): fewer than 16 voxels along an axis",
+    ),
+    (
+        "zero-spacing-without-qform-or-sform",
+        lambda d, r: ["--image", _zero_spacing(d)],
+        "has voxel sizes [0.0, 0.0, 0.0] and no qform/sform in its header",
+    ),
+    ("weights-holding-a-list", lambda d, r: ["--model_path", _saved(d, [1, 2])], "holds a list, not a weights dict"),
+    (
+        "weights-holding-a-tensor",
+        lambda d, r: ["--model_path", _saved(d, np.zeros(3, np.float32))],
+        "holds a Tensor, not a weights dict",
+    ),
+    (
+        "truncated-weights",
+        lambda d, r: ["--model_path", _half_of(d, r / "model.pt")],
+        "not a readable weights file",
+    ),
+    (
+        "weights-pickling-python-objects",
+        lambda d, r: ["--model_path", _saved(d, {"state_dict": {}, "args": argparse.Namespace(lr=1)})],
+        "holds Python objects besides tensors and plain values, which are not loaded",
+    ),
 ]
+
+
+def _two_records(folder: Path, root: Path, second: str) -> str:
+    records = [{"image": str(root / "scan.nii.gz"), "age": 65, "sex": "F", "diagnosis": "CN"}]
+    records.append({**records[0], "image": second})
+    return _datalist(folder, "two.json", json.dumps({"test": records}))
+
+
+def _nan_affine(folder: Path) -> str:
+    affine = np.eye(4)
+    affine[0, 3] = np.nan
+    image = nib.Nifti1Image(np.random.rand(20, 20, 20).astype(np.float32) + 1, np.eye(4))
+    image.set_sform(affine, 1)
+    image.set_qform(affine, 1)
+    nib.save(image, folder / "nan_affine.nii.gz")
+    return str(folder / "nan_affine.nii.gz")
+
+
+def _truncated_uncompressed(folder: Path) -> str:
+    nib.save(nib.Nifti1Image(np.random.rand(20, 20, 20).astype(np.float32), np.eye(4)), folder / "whole.nii")
+    return _half_of(folder, folder / "whole.nii")
+
+
+def _half_of(folder: Path, path: Path) -> str:
+    cut = folder / f"half_{path.name}"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return str(cut)
+
+
+def _zero_spacing(folder: Path) -> str:
+    image = nib.Nifti1Image(np.random.rand(20, 20, 20).astype(np.float32), None)
+    image.header["pixdim"][1:4] = 0
+    image.set_qform(None, code=0)
+    image.set_sform(None, code=0)
+    nib.save(image, folder / "no_geometry.nii.gz")
+    return str(folder / "no_geometry.nii.gz")
+
+
+def _saved(folder: Path, content: object) -> str:
+    import torch
+
+    path = folder / "not_weights.pt"
+    torch.save(torch.as_tensor(content) if isinstance(content, np.ndarray) else content, path)
+    return str(path)
 
 
 def _write_bytes(path: Path, content: bytes) -> Path:

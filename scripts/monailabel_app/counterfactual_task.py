@@ -184,7 +184,7 @@ class CounterfactualInferTask(BundleInferTask):
         for key, value in settings.items():
             self.bundle_config[key] = value
         with self._bundle_on_path():
-            counterfactual_records = importlib.import_module("scripts.counterfactual").counterfactual_records
+            counterfactual_records = importlib.import_module("scripts.inputs").counterfactual_records
             try:
                 encoder = self.bundle_config.get_parsed_content("covariate_encoder")
                 (record,) = counterfactual_records(
