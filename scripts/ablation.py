@@ -182,12 +182,14 @@ def run_ablation(
         json.loads((root / "timings.json").read_text()) if (root / "timings.json").is_file() else {}
     )
 
-    def stage(name: str, done: Path, configs: Sequence[str], overrides: Mapping[str, Any], run_id: str = "run") -> None:
+    def stage(
+        name: str, done: Path, configs: Sequence[str], overrides: Mapping[str, Any], run_id: str = "run", base=common
+    ) -> None:
         if done.exists():
             print(f"[ablation] {name}: done before ({done})")
             return
         print(f"[ablation] {name} ...", flush=True)
-        timings[name] = round(_bundle(run_id, common + list(configs), overrides, root / "logs" / f"{name}.log"), 1)
+        timings[name] = round(_bundle(run_id, list(base) + list(configs), overrides, root / "logs" / f"{name}.log"), 1)
         atomic_write_json(timings, root / "timings.json")
         print(f"[ablation] {name}: {timings[name]} s", flush=True)
 
@@ -257,9 +259,9 @@ def run_ablation(
     for model, ld, seed, folder, value, _ in runs:
         results_dir = root / "evaluations" / f"{folder.name}_delta-{value:g}_seed-{seed}"
         stage(f"evaluate_{results_dir.name}", results_dir / "evaluation.json",
-              ["configs/inference.json", "configs/evaluate.json"],
+              ["configs/evaluate.json"],
               {**evaluation_overrides, "model_path": str(folder / "model.pt"), "delta": value, "seed": seed,
-               "results_dir": str(results_dir)})  # fmt: skip
+               "results_dir": str(results_dir)}, base=["configs/inference.json", preset])  # fmt: skip
         metrics = _metrics(json.loads((results_dir / "evaluation.json").read_text()))
         rows.setdefault((model, "off" if value == 0 else ld), []).append({**metrics, "seed": seed})
         if seed == seeds[0]:

@@ -33,11 +33,12 @@ from scripts.files import atomic_write, atomic_write_json
 PRESETS = {"3d": "brain_mri_3d.json", "2d": "chest_xray_2d.json"}
 
 
-def _parser(bundle_root: str, modality: str, extra: list[str] = ()):
+def _parser(bundle_root: str, modality: str, workflow: str = "common.json"):
+    """The preset's config: on top of common.json, or of a standalone workflow such as inference.json."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    files = ["common.json", PRESETS[modality], *extra]
+    files = [workflow, PRESETS[modality]]
     parser.read_config([str(Path(bundle_root) / "configs" / name) for name in files])
     parser["bundle_root"] = bundle_root
     return parser
@@ -150,7 +151,7 @@ def _stage2(bundle_root: str, modality: str, settings: dict, ours: bool) -> dict
 def _counterfactual(bundle_root: str, modality: str, settings: dict, variant: str) -> dict[str, Any]:
     from scripts.inferers import CounterfactualInferer
 
-    parser = _parser(bundle_root, modality, ["inference.json"])
+    parser = _parser(bundle_root, modality, "inference.json")
     network = parser.get_parsed_content("network_def").eval()
     encoder = parser.get_parsed_content("covariate_encoder")
     scheduler = parser.get_parsed_content("inference_scheduler")
@@ -267,7 +268,7 @@ def _full_resolution(bundle_root: str, modality: str, settings: dict, native: bo
     volume = np.exp(-3 * (grid**2).sum(0)) * (1 + 0.1 * np.random.default_rng(0).standard_normal(shape))
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
     nib.save(nib.Nifti1Image(volume.astype(np.float32), affine), folder / "brain_1mm.nii.gz")
-    parser = _parser(bundle_root, modality, ["inference.json"])
+    parser = _parser(bundle_root, modality, "inference.json")
     steps = settings["native_steps"] if native else settings["num_inference_steps"]
     parser.update({
         "image": str(folder / "brain_1mm.nii.gz"), "results_dir": str(folder / "out"), "progress": False,
@@ -458,4 +459,4 @@ def report(results: dict[str, Any]) -> str:
             f"{r.get('stage2_ours', {}).get('batch')} (latents), delta {s['delta']}, fp32.",
             "",
         ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).rstrip("\n") + "\n"  # one final newline (the Model Zoo's end-of-file check)

@@ -1,4 +1,13 @@
-"""Model Zoo packaging: a reproducible `<name>_v<version>.zip` of the bundle (same files -> same bytes).
+"""Model Zoo packaging: the standalone inference config and a reproducible `<name>_v<version>.zip` of the bundle.
+
+`configs/inference.json` is what the Model Zoo runs alone (`python -m monai.bundle run --config_file
+configs/inference.json`, the default brain counterfactual). It is generated, never edited: the settings are owned by
+`configs/common.json` (shared, the brain preset's values) and `configs/counterfactual.json` (the counterfactual
+workflow), merged as the bundle CLI merges a list of config files. Regenerate it after editing either:
+
+    python -m monai.bundle run standalone --config_file configs/package.json
+
+tests/test_package.py fails when the committed file differs from the merge, and `build_zip` refuses a stale one.
 
 The archive holds `<name>/` with configs/, scripts/, models/ (the weights listed in large_files.yml), docs/,
 LICENSE, README.md, large_files.yml and requirements.txt; not tests, data, runs or outputs. Entries are sorted and
@@ -23,6 +32,43 @@ from scripts.weights import file_sha256
 INCLUDED_FOLDERS = {"configs": (".json", ".conf"), "scripts": (".py", ".sh"), "docs": None}
 INCLUDED_FILES = ("LICENSE", "README.md", "large_files.yml", "requirements.txt")
 FIXED_TIME = (2020, 1, 1, 0, 0, 0)
+# generated config -> the hand-edited configs it merges, in order
+STANDALONE_CONFIGS = {"inference.json": ("common.json", "counterfactual.json")}
+GENERATED_KEY = "_generated_from_"
+
+
+def standalone_config(bundle_root: str | Path, name: str = "inference.json") -> dict:
+    """The merge of the configs that `name` is generated from, with a key naming them and the command."""
+    from monai.bundle import ConfigParser
+
+    sources = STANDALONE_CONFIGS[name]
+    merged = ConfigParser.load_config_files([str(Path(bundle_root) / "configs" / source) for source in sources])
+    note = " + ".join(f"configs/{source}" for source in sources)
+    command = "python -m monai.bundle run standalone --config_file configs/package.json"
+    return {GENERATED_KEY: f"{note}; do not edit, regenerate with: {command}", **merged}
+
+
+def write_standalone_configs(bundle_root: str | Path = ".") -> list[str]:
+    """Write every generated standalone config (atomically); returns their paths."""
+    written = []
+    for name in STANDALONE_CONFIGS:
+        path = Path(bundle_root) / "configs" / name
+        content = json.dumps(standalone_config(bundle_root, name), indent=4, ensure_ascii=False) + "\n"
+        atomic_write(path, lambda temporary, text=content: Path(temporary).write_text(text), ".json")
+        written.append(str(path))
+        print(f"wrote {path}")
+    return written
+
+
+def check_standalone_configs(bundle_root: str | Path = ".") -> None:
+    """Every generated config must equal the merge of its sources (else: one line saying how to regenerate)."""
+    for name in STANDALONE_CONFIGS:
+        path = Path(bundle_root) / "configs" / name
+        if not path.is_file() or json.loads(path.read_text()) != standalone_config(bundle_root, name):
+            raise ValueError(
+                f"{path} is not the merge of {' + '.join(STANDALONE_CONFIGS[name])}: regenerate it with "
+                "python -m monai.bundle run standalone --config_file configs/package.json"
+            )
 
 
 def bundle_files(bundle_root: str | Path) -> list[Path]:
@@ -50,6 +96,7 @@ def build_zip(bundle_root: str | Path = ".", output_dir: str | Path = "dist") ->
     root = Path(bundle_root)
     metadata = json.loads((root / "configs" / "metadata.json").read_text())
     name, version = metadata["name"], metadata["version"]
+    check_standalone_configs(root)
     target = Path(output_dir) / f"{name}_v{version}.zip"
     files = bundle_files(root)
 

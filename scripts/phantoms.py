@@ -1265,7 +1265,9 @@ def load_subject(cohort_dir: str | os.PathLike, subject: str) -> dict[str, Any]:
     modality = _check_modality(content["modality"])
     anatomy = _check_anatomy(modality, content.get("anatomy", "phantom"))
     if anatomy == "mni152":
-        from scripts.cohort_mni152 import Mni152Exogenous as cls
+        from scripts.cohort_mni152 import Mni152Exogenous
+
+        cls = Mni152Exogenous
     else:
         cls = BrainExogenous if modality == "brain" else ChestExogenous
     return {

@@ -80,7 +80,7 @@ def untrained_bundle(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cf")
     parser = ConfigParser()
-    parser.read_config([str(BUNDLE_ROOT / "configs" / name) for name in ("common.json", "inference.json")])
+    parser.read_config([str(BUNDLE_ROOT / "configs" / name) for name in ("inference.json",)])
     parser.update(TINY)
     torch.manual_seed(0)
     torch.save(parser.get_parsed_content("network_def").state_dict(), root / "model.pt")
@@ -118,7 +118,7 @@ def untrained_chest_bundle(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("chest")
     parser = ConfigParser()
-    names = ("common.json", "chest_xray_2d.json", "inference.json")
+    names = ("inference.json", "chest_xray_2d.json")
     parser.read_config([str(BUNDLE_ROOT / "configs" / name) for name in names])
     parser.update(TINY_2D)
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """Bad input through the real CLI: each case exits non-zero, ends with one line naming the problem, writes nothing.
 
-Every case runs `python -m monai.bundle run --config_file [common.json, inference.json]` on a tiny untrained
+Every case runs `python -m monai.bundle run --config_file configs/inference.json` on a tiny untrained
 network (see conftest.untrained_bundle) with one input, covariate, datalist or config value broken.
 """
 
@@ -44,7 +44,7 @@ def _wrong_network(folder: Path) -> str:
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config([str(BUNDLE_ROOT / "configs" / name) for name in ("common.json", "inference.json")])
+    parser.read_config([str(BUNDLE_ROOT / "configs" / name) for name in ("inference.json",)])
     parser.update({**TINY, "unet_channels": [16, 16]})
     path = folder / "other_model.pt"
     torch.save(parser.get_parsed_content("network_def").state_dict(), path)
@@ -164,11 +164,7 @@ CASES = [
         lambda d, r: ["--model_path", _saved(d, np.zeros(3, np.float32))],
         "holds a Tensor, not a weights dict",
     ),
-    (
-        "truncated-weights",
-        lambda d, r: ["--model_path", _half_of(d, r / "model.pt")],
-        "not a readable weights file",
-    ),
+    ("truncated-weights", lambda d, r: ["--model_path", _half_of(d, r / "model.pt")], "not a readable weights file"),
     (
         "weights-pickling-python-objects",
         lambda d, r: ["--model_path", _saved(d, {"state_dict": {}, "args": argparse.Namespace(lr=1)})],
@@ -251,7 +247,7 @@ def test_bad_input_fails_clearly_before_compute_and_writes_nothing(
     overrides = make(tmp_path, untrained_bundle)
     arguments.update(dict(zip(overrides[::2], overrides[1::2])))
     flat = [item for pair in arguments.items() for item in pair]
-    result = bundle_cli("run", ["common.json", "inference.json"], *tiny_overrides(untrained_bundle), *flat, check=False)
+    result = bundle_cli("run", ["inference.json"], *tiny_overrides(untrained_bundle), *flat, check=False)
     last_line = [line for line in result.stderr.splitlines() if line.strip()][-1]
     assert result.returncode != 0, result.stdout[-2000:]
     assert message in last_line, result.stderr[-3000:]

@@ -110,7 +110,7 @@ def test_strength_outside_its_range_is_refused(strength):
 def test_counterfactual_has_the_input_geometry_and_all_outputs(untrained_bundle, bundle_cli):
     out = untrained_bundle / "out"
     bundle_cli(
-        "run", ["common.json", "inference.json"], *tiny_overrides(untrained_bundle),
+        "run", ["inference.json"], *tiny_overrides(untrained_bundle),
         "--image", str(untrained_bundle / "scan.nii.gz"), "--results_dir", str(out), "--num_samples", "2",
         "--source", "{'age': 65, 'sex': 'F', 'diagnosis': 'CN'}", "--target", "{'age': 85, 'diagnosis': 'AD'}",
     )  # fmt: skip
@@ -143,7 +143,7 @@ def test_a_datalist_runs_in_batches_and_matches_one_by_one(untrained_bundle, bun
     for batch in ("1", "3"):
         out = tmp_path / f"batch{batch}"
         bundle_cli(
-            "run", ["common.json", "inference.json"], *tiny_overrides(untrained_bundle), "--input_datalist",
+            "run", ["inference.json"], *tiny_overrides(untrained_bundle), "--input_datalist",
             str(datalist), "--inference_batch_size", batch, "--results_dir", str(out), "--progress", "false",
         )  # fmt: skip
         outputs[batch] = [np.asarray(nib.load(out / f"scan{i}_counterfactual.nii.gz").dataobj) for i in range(3)]

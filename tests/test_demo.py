@@ -23,7 +23,7 @@ BRAIN_MAE_RATIO = 1.1  # the brain weights barely respond yet: the counterfactua
 
 def counterfactual(bundle_cli, out: Path, *overrides: str) -> np.ndarray:
     """Runs the README's first command into `out`; returns the counterfactual film scaled to [0, 1]."""
-    bundle_cli("run", ["common.json", *CHEST, "inference.json"], "--results_dir", str(out), *overrides)
+    bundle_cli("run", ["inference.json", *CHEST], "--results_dir", str(out), *overrides)
     (record,) = out.glob("*_record.json")
     return np.array(Image.open(json.loads(record.read_text())["outputs"]["counterfactual"])).astype(float) / 65535
 
@@ -69,7 +69,7 @@ def test_same_seed_gives_the_same_counterfactual(demo, bundle_cli):
 def brain(bundle_cli, tmp_path_factory):
     """README command 1 (65, F, CN -> 85, AD on the shipped brain weights) and its comparison with the oracle."""
     out = tmp_path_factory.mktemp("brain") / "out"
-    bundle_cli("run", ["common.json", "brain_mri_3d.json", "inference.json"], "--results_dir", str(out))
+    bundle_cli("run", ["inference.json"], "--results_dir", str(out))  # README command 1
     record = out / "sample_visit-0_record.json"
     return {
         "record": json.loads(record.read_text()),

@@ -64,9 +64,9 @@ def test_zero_delta_ddpm_sampling_with_same_seed_is_bit_identical_to_monai():
 
 def test_prior_mean_equals_delta():
     noise = torch.randn(4096, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    z_T = LatentDrift(0.15).prior(noise)
-    assert abs(z_T.mean().item() - 0.15) < 0.005
-    assert abs(z_T.std().item() - 1.0) < 0.005
+    prior = LatentDrift(0.15).prior(noise)
+    assert abs(prior.mean().item() - 0.15) < 0.005
+    assert abs(prior.std().item() - 1.0) < 0.005
 
 
 def test_forward_noising_shifts_by_sqrt_one_minus_alpha_bar_times_delta():

@@ -20,6 +20,7 @@ CHEST_SCHEMA = {
     "effusion": {"type": "binary", "categories": [0, 1]},
 }
 CHEST = ["common.json", "chest_xray_2d.json"]
+EVALUATE = ["inference.json", "chest_xray_2d.json", "evaluate.json"]
 SMALL = {"image_size": [64, 64], "autoencoder_channels": [8, 16, 32], "unet_channels": [16, 32, 32]}
 SMALL_CHEST = [argument for key, value in SMALL.items() for argument in (f"--{key}", json.dumps(value))]
 
@@ -189,7 +190,7 @@ def test_evaluate_workflow_writes_every_score_and_the_oracle_plumbing_is_exact(c
     torch.save(network.state_dict(), tmp_path / "model.pt")
     out = tmp_path / "evaluation"
     run_bundle(
-        "run", [*CHEST, "inference.json", "evaluate.json"], *SMALL_CHEST, "--model_path", str(tmp_path / "model.pt"),
+        "run", EVALUATE, *SMALL_CHEST, "--model_path", str(tmp_path / "model.pt"),
         "--dataset_dir", str(chest_cohort / "cohort"), "--evaluator_dir", str(chest_cohort / "evaluators"),
         "--results_dir", str(out), "--num_records", "4", "--num_inference_steps", "3",
         "--interventions", "[{'effusion': 'flip'}, {'age': '+0'}]", "--utility_samples", "8", "--utility_epochs", "1",
@@ -218,7 +219,7 @@ def test_evaluate_rejects_bad_interventions_and_missing_evaluators_before_comput
     common = [*SMALL_CHEST, "--dataset_dir", str(chest_cohort / "cohort"), "--model_path", str(tmp_path / "none.pt")]
     out = tmp_path / "evaluation"
     result = run_bundle(
-        "run", [*CHEST, "inference.json", "evaluate.json"], *common, "--results_dir", str(out),
+        "run", EVALUATE, *common, "--results_dir", str(out),
         "--evaluator_dir", str(chest_cohort / "evaluators"), "--interventions", "[{'bmi': 30}]", check=False,
     )  # fmt: skip
     assert result.returncode != 0 and not out.exists()
@@ -233,9 +234,7 @@ def test_evaluate_rejects_bad_interventions_and_missing_evaluators_before_comput
         (["--evaluator_dir", str(chest_cohort / "evaluators"), "--interventions", "[{'bmi': 30}]"], "'bmi'"),
         (["--evaluator_dir", str(tmp_path / "nothing")], "train_evaluators.json"),
     ):
-        result = run_bundle(
-            "run", [*CHEST, "inference.json", "evaluate.json"], *common, "--results_dir", str(out), *extra, check=False
-        )
+        result = run_bundle("run", EVALUATE, *common, "--results_dir", str(out), *extra, check=False)
         assert result.returncode != 0 and not out.exists()
         assert message in result.stderr.strip().splitlines()[-1]
     assert Path(chest_cohort / "evaluators" / "predictor.pt").is_file()
@@ -252,7 +251,7 @@ def test_compositions_run_scores_every_variant_and_recommends_one(chest_cohort, 
     torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "model.pt")
     out = tmp_path / "compositions"
     run_bundle(
-        "compositions", [*CHEST, "inference.json", "evaluate.json"], *SMALL_CHEST, "--model_path",
+        "compositions", EVALUATE, *SMALL_CHEST, "--model_path",
         str(tmp_path / "model.pt"), "--dataset_dir", str(chest_cohort / "cohort"), "--evaluator_dir",
         str(chest_cohort / "evaluators"), "--results_dir", str(out), "--num_records", "6", "--num_inference_steps", "3",
         "--interventions", "[{'effusion': 'flip'}]", "--mask_thresholds", "[1.0, 3.0]",

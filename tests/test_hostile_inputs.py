@@ -22,8 +22,8 @@ from scripts.results import ResultsFolder
 
 pytestmark = pytest.mark.slow
 
-BRAIN = ["common.json", "inference.json"]
-CHEST = ["common.json", "chest_xray_2d.json", "inference.json"]
+BRAIN = ["inference.json"]
+CHEST = ["inference.json", "chest_xray_2d.json"]
 BRAIN_SOURCE = "{'age': 65, 'sex': 'F', 'diagnosis': 'CN'}"
 CHEST_SOURCE = {"age": 55, "sex": "F", "cardiomegaly": 0, "effusion": 0}
 PATIENT = {"PatientName": "Doe^Jane", "PatientID": "PID-93017", "PatientBirthDate": "19600101"}

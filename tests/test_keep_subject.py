@@ -18,7 +18,7 @@ SOURCE, TARGET = "{'age': 65, 'sex': 'F', 'diagnosis': 'CN'}", "{'age': 85, 'dia
 
 def run_tiny(bundle_cli, bundle: Path, out: Path, *extra: str, check: bool = True):
     return bundle_cli(
-        "run", ["common.json", "inference.json"], *tiny_overrides(bundle), "--image", str(bundle / "scan.nii.gz"),
+        "run", ["inference.json"], *tiny_overrides(bundle), "--image", str(bundle / "scan.nii.gz"),
         "--results_dir", str(out), "--source", SOURCE, "--progress", "false", *extra, check=check,
     )  # fmt: skip
 
@@ -90,7 +90,7 @@ def test_readme_counterfactual_without_composition_is_unchanged_by_the_refactor(
     golden = json.loads((BUNDLE_ROOT / "tests" / "golden" / "readme_counterfactual.json").read_text())[modality]
     preset = {"brain": "brain_mri_3d.json", "chest": "chest_xray_2d.json"}[modality]
     out = tmp_path / modality
-    bundle_cli("run", ["common.json", preset, "inference.json"], "--results_dir", str(out), "--composition", "none",
+    bundle_cli("run", ["inference.json", preset], "--results_dir", str(out), "--composition", "none",
                "--auto_mask", "false", "--progress", "false")  # fmt: skip
     name = "sample_visit-0_counterfactual." + ("nii.gz" if modality == "brain" else "png")
     image = np.asarray(LoadImage(image_only=True)(str(out / name)), dtype=np.float64)

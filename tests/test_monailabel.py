@@ -114,7 +114,7 @@ def test_result_json_echoes_the_request(brain_result):
 def test_counterfactual_equals_the_bundle_cli_with_the_same_options(brain_result, bundle_cli, tmp_path):
     bundle_cli(
         "run",
-        ["common.json", "brain_mri_3d.json", "inference.json"],
+        ["inference.json", "brain_mri_3d.json"],
         "--image", brain_result["params"]["input"],
         "--source", repr(SOURCE), "--target", "{'age': 85, 'diagnosis': 'AD'}",
         "--strength", "0.6", "--inference_delta", "0.05", "--num_inference_steps", "5", "--seed", "3",

@@ -10,12 +10,7 @@ from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from torch import nn
 
 from scripts.drift import LatentDrift
-from scripts.networks import (
-    ConditionedUNet,
-    LatentDriftModel,
-    latent_scale_factor,
-    select_trainable,
-)
+from scripts.networks import ConditionedUNet, LatentDriftModel, latent_scale_factor, select_trainable
 from scripts.weights import load_weights
 
 CONDITION_SIZE, CONTEXT_DIM = 6, 16

@@ -281,7 +281,7 @@ def test_paired_training_cli_end_to_end(tmp_path, bundle_cli):
     # the same inference config runs the paired model (--paired true): no inversion, source latent as input
     image = sorted((tmp_path / "cohort" / "images").glob("*.nii.gz"))[0]
     results = tmp_path / "paired_out"
-    inference = ["common.json", "brain_mri_3d.json", "inference.json"]
+    inference = ["inference.json", "brain_mri_3d.json"]
     arguments = [
         *common, "--paired", "true", "--image", str(image), "--results_dir", str(results),
         "--source", "{'age': 60, 'sex': 'F', 'diagnosis': 'CN'}", "--target", "{'age': 80, 'diagnosis': 'AD'}",

@@ -157,7 +157,7 @@ class DicomSeriesToNiftiOperator(Operator):
 
 class CounterfactualOperator(Operator):
     """
-    Runs the bundle's counterfactual workflow (`configs/common.json` + preset + `configs/inference.json`, the same
+    Runs the bundle's counterfactual workflow (`configs/inference.json` with the preset on top, the same
     program as `python -m monai.bundle run`) on the case, with the app's settings as config overrides. The bundle
     checks the covariates before any compute and writes its outputs atomically into `results_dir`.
 
@@ -204,7 +204,7 @@ class CounterfactualOperator(Operator):
         case = op_input.receive("case")
         if str(self.bundle_dir) not in sys.path:  # the configs' "$import scripts" needs the bundle root
             sys.path.insert(0, str(self.bundle_dir))
-        names = ("common.json", f"{self.preset}.json", "inference.json")
+        names = ("inference.json", f"{self.preset}.json")
         configs = [str(self.bundle_dir / "configs" / name) for name in names]
         values = self.overrides(case)
         logger.info(f"counterfactual of {case['image']}: source {values['source']}, target {values['target']}")

@@ -33,11 +33,14 @@ class CounterfactualRequestError(HTTPException, ValueError):
     """A request refused before any compute (bad covariate, option or image); the server answers 422 with it."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(status_code=422, detail=message)
+        super().__init__(422, message)
         self.args = (message,)
 
     def __str__(self) -> str:
         return self.detail
+
+    def __reduce__(self) -> tuple:  # pickles (and copies) as the one message it was made from
+        return type(self), (self.detail,)
 
 
 class CounterfactualBundleConstants(BundleConstants):
@@ -63,7 +66,7 @@ class CounterfactualInferTask(BundleInferTask):
     BundleInferTask reads the bundle: network_def, weights from models/, the pre-processing, the inferer and the
     post-processing. Four things differ from a segmentation bundle, hence the subclass:
 
-    - the config is common.json + a modality preset + inference.json, not inference.json alone;
+    - the config is inference.json (standalone: the brain preset) with the modality preset layered on top;
     - a counterfactual needs the scan's source covariates and the target covariates, so each request is resolved
       into the bundle's checked record (`counterfactual_records`, before any compute) and the inferer gets the
       encoded source and target conditions (`evaluator#prepare_batch`), not the image alone;
@@ -122,9 +125,9 @@ class CounterfactualInferTask(BundleInferTask):
         self.description = f"Latent Drift counterfactual ({preset}): the scan under target covariates ({names})"
 
     def _load_bundle_config(self, path: str, config: str) -> ConfigParser:
-        """common.json + the preset + inference.json, merged as the bundle CLI does, with bundle_root = `path`."""
+        """inference.json + the preset on top, merged as the bundle CLI does, with bundle_root = `path`."""
         parser = ConfigParser()
-        configs = [os.path.join(path, "configs", name) for name in ("common.json", f"{self.preset}.json", config)]
+        configs = [os.path.join(path, "configs", name) for name in (config, f"{self.preset}.json")]
         parser.read_config(configs)
         parser.config.update({self.const.key_bundle_root(): path})
         model_path = parser.get_parsed_content("model_path")
