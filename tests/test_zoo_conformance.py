@@ -92,7 +92,7 @@ def test_network_def_passes_verify_net_in_out(preset):
     if preset == "brain_mri_3d":
         command += ["--config_file", "configs/inference.json"]
     else:
-        data_format = json.dumps(METADATA["preset_network_data_format"][preset])
+        data_format = json.dumps(METADATA["preset_networks"][preset])
         command += ["--config_file", f"['configs/inference.json','configs/{preset}.json']"]
         command += ["--_meta_#network_data_format", data_format]
     result = run(*command)
