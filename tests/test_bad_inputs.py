@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import tiny_overrides
+from conftest import BUNDLE_ROOT, tiny_overrides
 from PIL import Image
 
 SOURCE = "{'age': 65, 'sex': 'F', 'diagnosis': 'CN'}"
@@ -236,6 +236,43 @@ def test_the_suite_covers_at_least_twenty_cases():
     assert len({case[0] for case in CASES}) == len(CASES) >= 20
 
 
+# The cases that only concern the inputs (image, covariates, datalist, results folder) also run in-process, in the
+# fast tier: the same checks the CLI runs first (`records` in configs/counterfactual.json).
+INPUT_ARGUMENTS = {"--image": "image", "--source": "source", "--target": "target", "--input_datalist": "datalist",
+                   "--results_dir": "results_dir"}  # fmt: skip
+CONFIG_CASES = {"image-size-the-model-cannot-take", "strength-out-of-range", "zero-steps", "unknown-precision",
+                "missing-weights", "weights-of-another-network", "bad-flag", "weights-holding-a-list",
+                "weights-holding-a-tensor", "truncated-weights", "weights-pickling-python-objects"}  # fmt: skip
+INPUT_CASES = [case for case in CASES if case[0] not in CONFIG_CASES]
+
+
+@pytest.mark.parametrize("make, message", [case[1:] for case in INPUT_CASES], ids=[case[0] for case in INPUT_CASES])
+def test_bad_input_is_refused_by_the_input_checks(untrained_bundle, tmp_path, make, message):
+    from monai.bundle import ConfigParser
+
+    from scripts.inputs import counterfactual_records
+    from scripts.transforms import CovariateEncoder
+
+    np.random.seed(0)
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / "configs" / "common.json"))
+    encoder = CovariateEncoder(parser.get("covariate_schema"))
+    arguments = {"image": str(untrained_bundle / "scan.nii.gz"), "source": SOURCE, "target": "{'age': 85}"}
+    arguments["results_dir"] = str(tmp_path / "results")
+    overrides = make(tmp_path, untrained_bundle)
+    arguments.update({INPUT_ARGUMENTS[key]: value for key, value in zip(overrides[::2], overrides[1::2])})
+    with pytest.raises((ValueError, FileNotFoundError, PermissionError)) as error:
+        counterfactual_records(encoder, spatial_dims=3, **arguments)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "results").exists()
+
+
+def test_most_cases_run_in_process_too():
+    assert len(INPUT_CASES) >= 20
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("make, message", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
 def test_bad_input_fails_clearly_before_compute_and_writes_nothing(
     untrained_bundle, bundle_cli, tmp_path, make, message

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -69,12 +68,16 @@ def chest_preprocessing(path: Path) -> dict:
 
 
 def test_chest_preset_reads_a_dicom_radiograph(tmp_path):
-    write_dicom(tmp_path / "cxr.dcm", np.linspace(0, 4000, 96 * 80).reshape(96, 80).astype(np.uint16), "MONOCHROME2")
+    pixels = np.linspace(0, 4000, 96 * 80).reshape(96, 80).astype(np.uint16)
+    write_dicom(tmp_path / "cxr.dcm", pixels, "MONOCHROME2")
     record = chest_preprocessing(tmp_path / "cxr.dcm")
     assert tuple(record["image"].shape) == (1, 128, 128)
     assert 0.0 <= float(record["image"].min()) and float(record["image"].max()) <= 1.0
     assert record["condition"].shape == (1, 5)
-    assert json.dumps(record["image"].meta["intensity_range"])
+    # the window the output is written back in: the film's own 0.5th and 99.5th percentiles, as plain floats
+    low, high = record["image"].meta["intensity_range"]
+    assert isinstance(low, float) and isinstance(high, float)
+    np.testing.assert_allclose([low, high], np.percentile(pixels, [0.5, 99.5]), atol=0.02 * 4000)  # after resizing
 
 
 def test_monochrome1_dicom_is_inverted_so_air_is_dark(tmp_path):

@@ -65,7 +65,8 @@ def test_network_data_format_uses_the_keys_verify_net_in_out_expects():
 def test_intended_use_says_research_only_not_clinical():
     intended_use = load_metadata()["intended_use"].lower()
     assert "research" in intended_use
-    assert "not" in intended_use and "clinical" in intended_use
+    assert "not a medical device" in intended_use
+    assert "must not be used for clinical" in intended_use
 
 
 @pytest.mark.parametrize("preset", ["brain_mri_3d", "chest_xray_2d"])
