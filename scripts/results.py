@@ -21,8 +21,11 @@ from typing import Any
 
 __all__ = ["OUTPUT_PATTERN", "ResultsFolder", "ResultsFolderBusy", "foreign_entries"]
 
-# What the counterfactual writer puts into a results folder: <name>_<kind>.<suffix>, one JSON record per input.
-OUTPUT_PATTERN = re.compile(r".+_(counterfactual|difference|mask|std)\.(nii\.gz|png)$|.+_(montage\.png|record\.json)$")
+# What the bundle puts into a results folder: the counterfactual writer's <name>_<kind>.<suffix> and one JSON record
+# per input, and configs/oracle_check.json's <name>_oracle.json beside the record it scores.
+OUTPUT_PATTERN = re.compile(
+    r".+_(counterfactual|difference|mask|std)\.(nii\.gz|png)$|.+_(montage\.png|record\.json|oracle\.json)$"
+)
 
 
 class ResultsFolderBusy(RuntimeError):

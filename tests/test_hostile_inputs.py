@@ -160,9 +160,11 @@ def test_a_rerun_replaces_the_previous_results_whole(untrained_bundle, tmp_path)
     first = run(BRAIN, *base, "--target", "{'age': 85}", "--num_samples", "2")
     assert first.returncode == 0, first.stderr[-3000:]
     assert (out / "scan_std.nii.gz").is_file()
+    (out / "scan_oracle.json").write_text("{}")  # configs/oracle_check.json's score of the first run
     second = run(BRAIN, *base, "--target", "{'age': 70}")
     assert second.returncode == 0, second.stderr[-3000:]
-    assert not (out / "scan_std.nii.gz").exists(), "the first run's std map must not stay beside the second's record"
+    for stale in ("scan_std.nii.gz", "scan_oracle.json"):
+        assert not (out / stale).exists(), "the first run's files must not stay beside the second's record"
     record = json.loads((out / "scan_record.json").read_text())
     assert record["target"]["age"] == 70 and record["parameters"]["num_samples"] == 1
     written = sorted([*(Path(p).name for p in record["outputs"].values()), "scan_record.json"])
