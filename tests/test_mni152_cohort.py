@@ -211,3 +211,22 @@ def test_bundle_cli_generates_a_real_anatomy_cohort(tmp_path, bundle_cli):
     datalist = json.loads((output_dir / "datalist.json").read_text())
     assert len(datalist["training"]) + len(datalist["validation"]) == 2
     assert (output_dir / "template" / "mni152_labels.nii.gz").is_file()
+
+
+@pytest.mark.slow
+def test_volume_ceiling_fits_on_training_records_and_scores_the_validation_records(tmp_path):
+    from scripts.cohort_summary import volume_ceiling
+
+    phantoms.generate_cohort(
+        tmp_path, "brain", 8, 2, shape=(24, 30, 24), spacing=8.0, seed=2, val_fraction=0.25, anatomy="mni152"
+    )
+    datalist = json.loads((tmp_path / "datalist.json").read_text())
+    ceiling = volume_ceiling(tmp_path)
+    assert (ceiling["num_training"], ceiling["num_held_out"]) == (
+        len(datalist["training"]),
+        len(datalist["validation"]),
+    )
+    assert ceiling["age_mae"] > 0 and ceiling["age_mae_mean_guess"] > 0
+    for key in ("sex", "diagnosis"):
+        assert 0 <= ceiling[f"{key}_accuracy"] <= 1 and 0 < ceiling[f"{key}_accuracy_majority_guess"] <= 1
+    assert ceiling["segmentation_dice"] == 1.0
