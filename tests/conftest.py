@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,3 +125,31 @@ def untrained_chest_bundle(tmp_path_factory):
     torch.manual_seed(0)
     torch.save(parser.get_parsed_content("network_def").state_dict(), root / "model.pt")
     return root
+
+
+# Patient-identifying tags written into test DICOMs (no output or record may carry them).
+PATIENT = {"PatientName": "Doe^Jane", "PatientID": "PID-93017", "PatientBirthDate": "19600101"}
+
+
+def write_dicom(path: Path, pixels: np.ndarray, photometric: str, spacing: bool = True) -> Path:
+    """A single-frame DX radiograph, 12 bits stored in 16, with patient-identifying tags."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    rows, columns = pixels.shape
+    dataset.update(
+        {"SOPClassUID": meta.MediaStorageSOPClassUID, "SOPInstanceUID": meta.MediaStorageSOPInstanceUID,
+         "Modality": "DX", "Rows": rows, "Columns": columns, "SamplesPerPixel": 1,
+         "PhotometricInterpretation": photometric, "BitsAllocated": 16, "BitsStored": 12, "HighBit": 11,
+         "PixelRepresentation": 0, **PATIENT}  # fmt: skip
+    )
+    if spacing:
+        dataset.PixelSpacing = [0.5, 0.5]
+    dataset.PixelData = pixels.astype(np.uint16).tobytes()
+    dataset.save_as(path, enforce_file_format=True)
+    return path

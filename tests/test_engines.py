@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_dicom
 from monai.bundle import ConfigParser
 
 from scripts.engines import LocalPerceptualLoss, atomic_save
@@ -37,25 +38,6 @@ def test_atomic_save_leaves_no_partial_file_when_writing_fails(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_save({"bad": Unpicklable()}, tmp_path / "checkpoint.pt")
     assert list(tmp_path.iterdir()) == []
-
-
-def write_dicom(path: Path, pixels: np.ndarray, photometric: str) -> None:
-    pytest.importorskip("pydicom")
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    dataset.update(
-        {"SOPClassUID": meta.MediaStorageSOPClassUID, "SOPInstanceUID": meta.MediaStorageSOPInstanceUID,
-         "Modality": "DX", "Rows": 96, "Columns": 80, "SamplesPerPixel": 1, "PhotometricInterpretation": photometric,
-         "BitsAllocated": 16, "BitsStored": 12, "HighBit": 11, "PixelRepresentation": 0}  # fmt: skip
-    )
-    dataset.PixelData = pixels.tobytes()
-    dataset.save_as(path, enforce_file_format=True)
 
 
 def chest_preprocessing(path: Path) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import BUNDLE_ROOT, bundle_command, tiny_chest_overrides, tiny_overrides
+from conftest import BUNDLE_ROOT, bundle_command, tiny_chest_overrides, tiny_overrides, write_dicom
 from PIL import Image
 
 from scripts.results import ResultsFolder
@@ -26,31 +26,6 @@ BRAIN = ["inference.json"]
 CHEST = ["inference.json", "chest_xray_2d.json"]
 BRAIN_SOURCE = "{'age': 65, 'sex': 'F', 'diagnosis': 'CN'}"
 CHEST_SOURCE = {"age": 55, "sex": "F", "cardiomegaly": 0, "effusion": 0}
-PATIENT = {"PatientName": "Doe^Jane", "PatientID": "PID-93017", "PatientBirthDate": "19600101"}
-
-
-def write_dicom(path: Path, pixels: np.ndarray, photometric: str, spacing: bool = True) -> Path:
-    """A single-frame DX radiograph, 12 bits stored in 16, with patient-identifying tags."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    rows, columns = pixels.shape
-    dataset.update(
-        {"SOPClassUID": meta.MediaStorageSOPClassUID, "SOPInstanceUID": meta.MediaStorageSOPInstanceUID,
-         "Modality": "DX", "Rows": rows, "Columns": columns, "SamplesPerPixel": 1,
-         "PhotometricInterpretation": photometric, "BitsAllocated": 16, "BitsStored": 12, "HighBit": 11,
-         "PixelRepresentation": 0, **PATIENT}  # fmt: skip
-    )
-    if spacing:
-        dataset.PixelSpacing = [0.5, 0.5]
-    dataset.PixelData = pixels.astype(np.uint16).tobytes()
-    dataset.save_as(path, enforce_file_format=True)
-    return path
 
 
 def run(config_files: list[str], *arguments: str, preexec_fn=None) -> subprocess.CompletedProcess:
