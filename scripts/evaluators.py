@@ -422,6 +422,8 @@ def train_evaluators(
         predictor, encoder, train["images"], train["targets"], predictor_epochs, batch_size, seed=seed, device=device
     )
     predictor_time = time.perf_counter() - started
+    predictor_held_out = predictor_scores(encoder, held_out["records"], predict(predictor, held_out["images"]))
+    print(f"evaluators: predictor held-out {predictor_held_out} ({predictor_time:.0f} s); training the segmenter")
     num_labels = max(cohort_labels(spatial_dims).values()) + 1
     segmenter = build_segmenter(spatial_dims, num_labels, segmenter_channels)
     segmenter_loss = fit_segmenter(
@@ -436,7 +438,7 @@ def train_evaluators(
             "channels": list(predictor_channels),
             "epochs": predictor_epochs,
             "final_loss": predictor_loss[-1],
-            "held_out": predictor_scores(encoder, held_out["records"], predict(predictor, held_out["images"])),
+            "held_out": predictor_held_out,
             "seconds": round(predictor_time, 1),
         },
         "segmenter": {
