@@ -249,7 +249,7 @@ def run_ablation(
             for ld, value in (("off", 0.0), (f"train + inference ({delta:g})", delta)):
                 tag = f"{scheme}_ld-{'on' if value else 'off'}_seed-{seed}"
                 folder = root / "finetuned" / tag
-                stage(f"finetune_{tag}", folder / "model.pt", ["configs/train_diffusion.json"],
+                stage(f"finetune_{tag}", folder / "model.pt", ["configs/train_diffusion.json", "configs/finetune.json"],
                       {**target, "ckpt_dir": str(folder), "output_dir": str(folder / "runs"), "resume": False,
                        "finetune_from": str(source / "model.pt"), "finetune_scheme": scheme, "delta": value,
                        "seed": seed, **finetune}, "training")  # fmt: skip

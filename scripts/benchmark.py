@@ -123,8 +123,9 @@ def _stage2(bundle_root: str, modality: str, settings: dict, ours: bool) -> dict
         condition = torch.rand(batch, 1, encoder.size)
         optimizer = torch.optim.Adam(denoiser.parameters(), lr=1e-4)
 
-        def step():
-            noised = noising({"latent": latents})
+        def step():  # the per-sample transform as the training chain runs it, then the collated batch
+            samples = [noising({"latent": latent}) for latent in latents]
+            noised = {key: torch.stack([sample[key] for sample in samples]) for key in ("noisy", "target", "timesteps")}
             optimizer.zero_grad(set_to_none=True)
             output = denoiser(noised["noisy"], noised["timesteps"], condition)
             torch.nn.functional.mse_loss(output, noised["target"]).backward()

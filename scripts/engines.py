@@ -22,7 +22,7 @@ from scripts.data import as_flag
 from scripts.files import atomic_write, atomic_write_json
 from scripts.inferers import precision_context, sample_latents
 from scripts.networks import LatentDriftModel
-from scripts.transforms import CovariateEncoder, DriftNoised
+from scripts.transforms import CovariateEncoder
 from scripts.weights import load_weights, save_weights
 
 logger = logging.getLogger(__name__)
@@ -144,31 +144,38 @@ class AutoencoderIteration:
 
 class LatentDiffusionPrepareBatch:
     """
-    Stage-2 batch: take scaled latents z_0 (the batch's "latent" if EncodeLatentd cached it, else encoded here with
-    the frozen autoencoder), apply the drifted forward process, and return (z_t, target, (timesteps, condition), {})
-    for a SupervisedTrainer/Evaluator whose network is the model's denoiser and whose loss compares output and target.
+    Stage-2 batch: reads what the transform chain's `DriftNoised` wrote, z_t, the target and t, with the covariate
+    vector, and returns `(z_t, target, (t, condition), {})` for a SupervisedTrainer/Evaluator whose network is the
+    model's denoiser and whose loss compares output and target.
+
+    With `source_key` (paired training) the denoiser's input is `[z_t, z_0^source]` along channels and the condition
+    `[c_source, c_target]` from `condition_keys`.
     """
 
     def __init__(
-        self, model: LatentDriftModel, noising: DriftNoised, image_key: str = "image", condition_key: str = "condition"
+        self,
+        noisy_key: str = "noisy",
+        target_key: str = "target",
+        timesteps_key: str = "timesteps",
+        condition_keys: str | Sequence[str] = "condition",
+        source_key: str | None = None,
     ) -> None:
-        self.model, self.noising = model, noising
-        self.image_key, self.condition_key = image_key, condition_key
-        self.model.autoencoder.eval().requires_grad_(False)
+        self.noisy_key, self.target_key, self.timesteps_key = noisy_key, target_key, timesteps_key
+        self.condition_keys = [condition_keys] if isinstance(condition_keys, str) else list(condition_keys)
+        self.source_key = source_key
 
     def __call__(
         self, batchdata: Mapping[str, Any], device: torch.device | None = None, non_blocking: bool = False, **_
     ):
-        condition = batch_tensor(batchdata, self.condition_key, device, non_blocking)
-        with torch.no_grad():
-            if "latent" in batchdata:  # encoded once by EncodeLatentd (unscaled)
-                z0 = batch_tensor(batchdata, "latent", device, non_blocking)
-                z0 = z0 * self.model.scale_factor
-            else:
-                images = batch_tensor(batchdata, self.image_key, device, non_blocking)
-                z0 = self.model.encode(images)
-        noised = self.noising({"latent": z0})
-        return noised["noisy"], noised["target"], (noised["timesteps"], condition), {}
+        def read(key: str) -> torch.Tensor:
+            return batch_tensor(batchdata, key, device, non_blocking)
+
+        inputs = read(self.noisy_key)
+        if self.source_key is not None:
+            inputs = torch.cat([inputs, read(self.source_key)], 1)
+        condition = torch.cat([read(key) for key in self.condition_keys], -1)
+        timesteps = batchdata[self.timesteps_key].to(device=device, non_blocking=non_blocking).long()
+        return inputs, read(self.target_key), (timesteps, condition), {}
 
 
 def reconstruction_batch(

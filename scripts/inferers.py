@@ -224,7 +224,7 @@ class CounterfactualInferer(Inferer):
         progress: show progress bars for inversion and sampling.
         compile: run the denoiser through `torch.compile` (compiled once per inferer, on the first call; needs a
             C++ compiler on CPU; worth it for many inputs, not for one).
-        paired: the network is a paired (longitudinal) model from configs/train_paired.json, whose denoiser takes
+        paired: the network is a paired (longitudinal) model (the configs/paired.json overlay), whose denoiser takes
             the source latent as extra channels and [c_source, c_target] as condition. There is no inversion: each
             draw samples the target latent from the drifted prior ε + δ over the whole chain (`strength` unused),
             with guidance against the null of both vectors; its reference chain is conditioned on [c_source,

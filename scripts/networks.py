@@ -112,8 +112,17 @@ def select_trainable(denoiser: ConditionedUNet, scheme: str = "full") -> list[nn
 
 
 @torch.no_grad()
-def latent_scale_factor(autoencoder: AutoencoderKL, batches: Iterable, image_key: str = "image", max_batches: int = 4):
-    """1 / std of the autoencoder's latents (posterior means) over a few training batches (Rombach et al. 2022)."""
+def latent_scale_factor(
+    autoencoder: AutoencoderKL,
+    batches: Iterable,
+    image_key: str = "image",
+    max_batches: int = 4,
+    latent_key: str | None = None,
+) -> float:
+    """
+    1 / std of the autoencoder's latents (posterior means) over a few training batches (Rombach et al. 2022): the
+    latents the batches cached under `latent_key` (unscaled, `EncodeLatentd`), else `image_key` encoded here.
+    """
     was_training = autoencoder.training
     autoencoder.eval()
     device = next(autoencoder.parameters()).device
@@ -121,7 +130,10 @@ def latent_scale_factor(autoencoder: AutoencoderKL, batches: Iterable, image_key
     for index, batch in enumerate(batches):
         if index >= max_batches:
             break
-        latents.append(autoencoder.encode(batch[image_key].to(device))[0].flatten().float().cpu())
+        if latent_key is not None:
+            latents.append(torch.as_tensor(batch[latent_key]).flatten().float().cpu())
+        else:
+            latents.append(autoencoder.encode(batch[image_key].to(device))[0].flatten().float().cpu())
     autoencoder.train(was_training)
     if not latents:
         raise ValueError("cannot compute the latent scale factor: the training data loader yielded no batch.")

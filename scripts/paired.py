@@ -1,4 +1,4 @@
-"""Paired counterfactuals from longitudinal data: pair datalist, per-image preprocessing, training batch and sampling.
+"""Paired counterfactuals from longitudinal data: pair datalist, per-image preprocessing and sampling.
 
 The InstructPix2Pix analogue for longitudinal pairs (Brooks et al., CVPR 2023), with Latent Drift. The denoiser
 ε_θ(z_t, t, c) sees the source latent as extra input channels and both covariate vectors as its condition:
@@ -25,12 +25,11 @@ from monai.transforms import MapTransform
 
 from scripts.data import load_datalist, longitudinal_pairs
 from scripts.drift import LatentDrift
-from scripts.engines import batch_tensor
 from scripts.inferers import paired_null_condition, sample_latents
 from scripts.networks import LatentDriftModel
-from scripts.transforms import CovariateEncoder, DriftNoised
+from scripts.transforms import CovariateEncoder
 
-__all__ = ["PairedPrepareBatch", "PerImaged", "paired_datalist", "paired_null_condition", "sample_paired"]
+__all__ = ["PerImaged", "paired_datalist", "paired_null_condition", "sample_paired"]
 
 SOURCE_PREFIX, TARGET_PREFIX = "source_", "target_"
 
@@ -77,51 +76,6 @@ class PerImaged(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.transform({self.image_key: d[key]})[self.image_key]
         return d
-
-
-class PairedPrepareBatch:
-    """
-    Paired stage-2 batch: encode source and target images to scaled latents with the frozen autoencoder, apply the
-    drifted forward process to the target latent only, and return
-    `([z_t^target, z_0^source], target, (timesteps, [c_source, c_target]), {})` for a SupervisedTrainer/Evaluator
-    whose network is the paired denoiser (UNet in_channels = 2C, out_channels = C, condition_size = 2 * size) and
-    whose loss compares its output with the target.
-
-    Condition dropout for classifier-free guidance is not done here: put one `ConditionDropoutd` on both condition
-    keys in the training transforms, so the two vectors are nulled together.
-
-    Args:
-        model: the paired LatentDriftModel (its autoencoder is frozen here).
-        noising: the `DriftNoised` transform applied to {"latent": z_0^target}.
-        source_key, target_key: batch keys of the source (earlier) and target (later) images.
-        condition_source_key, condition_target_key: batch keys of their (B, 1, size) covariate vectors.
-    """
-
-    def __init__(
-        self,
-        model: LatentDriftModel,
-        noising: DriftNoised,
-        source_key: str = "image_source",
-        target_key: str = "image_target",
-        condition_source_key: str = "condition_source",
-        condition_target_key: str = "condition_target",
-    ) -> None:
-        self.model, self.noising = model, noising
-        self.source_key, self.target_key = source_key, target_key
-        self.condition_keys = (condition_source_key, condition_target_key)
-        self.model.autoencoder.eval().requires_grad_(False)
-
-    def __call__(
-        self, batchdata: Mapping[str, Any], device: torch.device | None = None, non_blocking: bool = False, **_: Any
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor], dict]:
-        source = batch_tensor(batchdata, self.source_key, device, non_blocking)
-        target = batch_tensor(batchdata, self.target_key, device, non_blocking)
-        condition = torch.cat([batch_tensor(batchdata, key, device, non_blocking) for key in self.condition_keys], -1)
-        with torch.no_grad():
-            z_source, z_target = self.model.encode(source), self.model.encode(target)
-        noised = self.noising({"latent": z_target})
-        inputs = torch.cat([noised["noisy"], z_source], 1)
-        return inputs, noised["target"], (noised["timesteps"], condition), {}
 
 
 @torch.inference_mode()

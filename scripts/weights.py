@@ -125,6 +125,8 @@ def load_weights(
             "replaced: download the bundle again, or point model_path to your own weights."
         )
     state, metadata = read_weights(path, checkpoint_key)
+    if (metadata or {}).get("paired") and not _is_paired(module):
+        hint = "The file holds a paired (longitudinal) model: add configs/paired.json to the config files. " + hint
     _check_keys(module, state, path, hint)
     module.load_state_dict(state, strict=True)
     if metadata is None:
@@ -135,6 +137,15 @@ def load_weights(
         module.drift = _weights_drift(module.drift, metadata["drift"], path)
     module.weights_info = {"path": str(path), "sha256": sha256, "metadata": metadata}
     return module
+
+
+def _is_paired(module: nn.Module) -> bool:
+    """Whether `module` is a LatentDriftModel whose denoiser takes the source latent as extra input channels."""
+    unet = getattr(getattr(module, "denoiser", None), "unet", None)
+    autoencoder = getattr(module, "autoencoder", None)
+    if unet is None or autoencoder is None:
+        return False
+    return unet.in_channels == 2 * autoencoder.latent_channels
 
 
 def _weights_drift(configured: LatentDrift, saved: Mapping[str, Any], path: str) -> LatentDrift:

@@ -136,7 +136,7 @@ CASES = [
         lambda d, r: ["--model_path", _wrong_network(d)],
         "does not fit the network built from the config",
     ),
-    ("bad-flag", lambda d, r: ["--paired", "maybe"], "paired must be true or false, got 'maybe'"),
+    ("bad-flag", lambda d, r: ["--auto_mask", "maybe"], "auto_mask must be true or false, got 'maybe'"),
     # hostile but realistic inputs (each was a failure after compute, a crash or a silent wrong result once)
     (
         "datalist-record-2-with-nan-affine",

@@ -9,13 +9,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import list_data_collate
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from scripts.drift import LatentDrift
+from scripts.engines import LatentDiffusionPrepareBatch
 from scripts.networks import ConditionedUNet, LatentDriftModel
-from scripts.paired import PairedPrepareBatch, PerImaged, paired_datalist, sample_paired
-from scripts.transforms import CovariateEncoder, CovariateError, DriftNoised
+from scripts.paired import PerImaged, paired_datalist, sample_paired
+from scripts.transforms import CovariateEncoder, CovariateError, DriftNoised, EncodeLatentd
 from scripts.weights import read_weights
 
 SCHEMA = {
@@ -87,9 +89,19 @@ def batch(encoder) -> dict[str, torch.Tensor]:
 
 
 def prepare(model: LatentDriftModel, batch: dict, delta: float = 0.0, seed: int = 3):
-    noising = DriftNoised("latent", DDPMScheduler(**SCHEDULE), LatentDrift(delta))
+    """The paired stage-2 path of configs/paired.json: per-sample encoding and drifted noising, collate, prepare."""
+    encode = EncodeLatentd(["image_source", "image_target"], model.autoencoder, ["latent_source", "latent_target"])
+    noising = DriftNoised(
+        "latent_target", DDPMScheduler(**SCHEDULE), LatentDrift(delta), scale=model.scale_factor,
+        also_scale="latent_source",
+    )  # fmt: skip
     noising.set_random_state(seed=seed)
-    return PairedPrepareBatch(model, noising)(batch)
+    samples = [{key: value[i] for key, value in batch.items()} for i in range(len(batch["image_source"]))]
+    collated = list_data_collate([noising(encode(sample)) for sample in samples])
+    prepare_batch = LatentDiffusionPrepareBatch(
+        condition_keys=["condition_source", "condition_target"], source_key="latent_source"
+    )
+    return prepare_batch(collated)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +124,7 @@ def test_prepare_batch_stacks_the_noisy_target_and_the_source_latent(model, batc
 
 def test_prepare_batch_source_channels_are_the_encoded_source_latent(model, batch, source_latent):
     inputs, *_ = prepare(model, batch)
-    torch.testing.assert_close(inputs[:, LATENT_CHANNELS:], source_latent, rtol=0, atol=0)
+    torch.testing.assert_close(inputs[:, LATENT_CHANNELS:], source_latent, rtol=1e-5, atol=1e-5)  # per-sample encoding
 
 
 def test_prepare_batch_condition_is_source_then_target(model, batch):
@@ -123,9 +135,9 @@ def test_prepare_batch_condition_is_source_then_target(model, batch):
 def test_prepare_batch_with_zero_drift_noises_the_target_like_scheduler_add_noise(model, batch):
     inputs, target, (timesteps, _), _ = prepare(model, batch, delta=0.0)
     with torch.no_grad():
-        z_target = model.encode(batch["image_target"])
+        z_target = torch.cat([model.encode(image[None]) for image in batch["image_target"]])  # per sample, as cached
     expected = DDPMScheduler(**SCHEDULE).add_noise(original_samples=z_target, noise=target, timesteps=timesteps)
-    assert torch.equal(inputs[:, :LATENT_CHANNELS], expected), "epsilon target = the noise; z_t must be plain MONAI"
+    torch.testing.assert_close(inputs[:, :LATENT_CHANNELS], expected, rtol=0, atol=1e-6, msg="z_t must be plain MONAI")
 
 
 def test_prepare_batch_drift_moves_only_the_noisy_half(model, batch):
@@ -263,7 +275,7 @@ def test_paired_training_cli_end_to_end(tmp_path, bundle_cli):
         "training", ["common.json", "brain_mri_3d.json", "train_autoencoder.json"], *common,
         "--max_epochs", "2", "--adversarial_weight", "0",
     )  # fmt: skip
-    paired = ["common.json", "brain_mri_3d.json", "train_paired.json"]
+    paired = ["common.json", "brain_mri_3d.json", "train_diffusion.json", "paired.json"]
     bundle_cli("training", paired, *common, "--max_epochs", "3", "--delta", "0.1")
 
     weights = tmp_path / "models" / "paired_model.pt"
@@ -272,18 +284,18 @@ def test_paired_training_cli_end_to_end(tmp_path, bundle_cli):
     parser.read_config([f"configs/{name}" for name in paired])
     for flag, value in zip(common[::2], common[1::2]):
         parser[flag.lstrip("-")] = json.loads(value) if value[:1] in "[0123456789-" else value
-    network = parser.get_parsed_content("paired_network")
+    network = parser.get_parsed_content("network")
     network.load_state_dict(read_weights(weights)[0], strict=True)
     assert float(network.scale_factor) != 1.0, "the paired stage must measure the latent scale factor"
     history = json.loads((tmp_path / "runs" / "paired" / "loss_history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2, 3]
 
-    # the same inference config runs the paired model (--paired true): no inversion, source latent as input
+    # the inference config with the same overlay runs the paired model: no inversion, source latent as input
     image = sorted((tmp_path / "cohort" / "images").glob("*.nii.gz"))[0]
     results = tmp_path / "paired_out"
-    inference = ["inference.json", "brain_mri_3d.json"]
+    inference = ["inference.json", "brain_mri_3d.json", "paired.json"]
     arguments = [
-        *common, "--paired", "true", "--image", str(image), "--results_dir", str(results),
+        *common, "--image", str(image), "--results_dir", str(results),
         "--source", "{'age': 60, 'sex': 'F', 'diagnosis': 'CN'}", "--target", "{'age': 80, 'diagnosis': 'AD'}",
         "--num_inference_steps", "5", "--num_samples", "2", "--progress", "false",
     ]  # fmt: skip

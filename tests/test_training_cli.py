@@ -151,7 +151,7 @@ def test_embedding_finetuning_from_a_checkpoint_changes_only_the_embedding(train
     before = read_weights(root / "models" / "model.pt")[0]
     bundle_cli(
         "training",
-        trained["stage2"],
+        [*trained["stage2"], "finetune.json"],  # the fine-tune mode: an overlay that loads the whole model
         *trained["common"],
         "--finetune_from", str(root / "models" / "model.pt"),
         "--finetune_scheme", "embedding",

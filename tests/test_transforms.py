@@ -286,46 +286,81 @@ def test_condition_dropout_rejects_prob_outside_unit_interval(encoder, prob):
 # --- DriftNoised --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(4, 3, 8, 8), (2, 3, 4, 4, 4)], ids=["2d", "3d"])
-def test_drift_noise_writes_noisy_target_and_one_timestep_per_item(shape):
+@pytest.mark.parametrize("shape", [(3, 8, 8), (3, 4, 4, 4)], ids=["2d", "3d"])
+def test_drift_noise_writes_noisy_target_and_one_timestep_per_sample(shape):
     out = drift_noise(0.1)({"latent": torch.randn(shape)})
     assert out["noisy"].shape == shape and out["target"].shape == shape
-    assert out["timesteps"].shape == (shape[0],)
+    assert out["timesteps"].shape == () and out["timesteps"].dtype == torch.int64
 
 
-def test_drift_noise_timesteps_lie_in_the_training_range():
-    timesteps = drift_noise(0.1)({"latent": torch.randn(512, 1, 2, 2)})["timesteps"]
-    assert timesteps.dtype == torch.int64
+def test_drift_noise_timesteps_lie_in_the_training_range_and_vary_between_samples():
+    transform = drift_noise(0.1)
+    timesteps = torch.stack([transform({"latent": torch.randn(1, 2, 2)})["timesteps"] for _ in range(256)])
     assert timesteps.min() >= 0 and timesteps.max() < 1000
-    assert len(timesteps.unique()) > 1
+    assert len(timesteps.unique()) > 100
 
 
 def test_drift_noise_is_reproducible_from_the_random_state():
-    z0 = torch.randn(4, 3, 8, 8)
+    z0 = torch.randn(3, 8, 8)
     first, second = drift_noise(0.1, seed=3)({"latent": z0}), drift_noise(0.1, seed=3)({"latent": z0})
     for key in ("noisy", "target", "timesteps"):
         assert torch.equal(first[key], second[key])
 
 
 def test_drift_noise_differs_between_random_states():
-    z0 = torch.randn(4, 3, 8, 8)
+    z0 = torch.randn(3, 8, 8)
     first, second = drift_noise(0.1, seed=3)({"latent": z0}), drift_noise(0.1, seed=4)({"latent": z0})
     assert not torch.equal(first["noisy"], second["noisy"])
     assert not torch.equal(first["target"], second["target"])
 
 
 def test_drift_noise_with_zero_delta_equals_monai_add_noise():
-    z0 = torch.randn(4, 3, 8, 8)
+    z0 = torch.randn(3, 8, 8)
     out = drift_noise(0.0)({"latent": z0})
-    expected = scheduler().add_noise(original_samples=z0, noise=out["target"], timesteps=out["timesteps"])
-    assert torch.equal(out["noisy"], expected)
+    expected = scheduler().add_noise(
+        original_samples=z0[None], noise=out["target"][None], timesteps=out["timesteps"][None]
+    )
+    assert torch.equal(out["noisy"], expected[0])
 
 
 def test_drift_noise_shifts_the_noise_by_delta_and_targets_the_undrifted_noise():
-    z0 = torch.randn(4, 3, 8, 8)
+    z0 = torch.randn(3, 8, 8)
     out = drift_noise(0.1)({"latent": z0})
-    expected = scheduler().add_noise(original_samples=z0, noise=out["target"] + 0.1, timesteps=out["timesteps"])
-    assert torch.allclose(out["noisy"], expected, atol=1e-6)
+    t = out["timesteps"][None]
+    expected = scheduler().add_noise(original_samples=z0[None], noise=out["target"][None] + 0.1, timesteps=t)
+    assert torch.allclose(out["noisy"], expected[0], atol=1e-6)
+
+
+def test_drift_noise_scales_the_cached_latent_first_and_the_clean_keys_alike():
+    z0, source = torch.randn(3, 8, 8), torch.randn(3, 8, 8)
+    scale = torch.tensor(0.5)  # the model's buffer: read at call time, so filling it later is seen
+    transform = DriftNoised("latent", scheduler(), LatentDrift(0.0), scale=scale, also_scale="source")
+    transform.set_random_state(seed=0)
+    scale.fill_(0.7)
+    out = transform({"latent": z0, "source": source})
+    t = out["timesteps"][None]
+    expected = scheduler().add_noise(original_samples=0.7 * z0[None], noise=out["target"][None], timesteps=t)
+    assert torch.allclose(out["noisy"], expected[0], atol=1e-6)
+    assert torch.equal(out["source"], source * 0.7)
+
+
+def test_drift_noise_noises_one_key_and_names_a_missing_one():
+    with pytest.raises(ValueError, match="one latent per sample"):
+        DriftNoised(["a", "b"], scheduler(), LatentDrift(0.0))
+    with pytest.raises(KeyError, match="EncodeLatentd"):
+        drift_noise(0.1)({"image": torch.randn(1, 8, 8)})
+
+
+def test_drift_noise_in_a_cached_chain_redraws_noise_every_epoch():
+    """The stage-2 chain: CacheDataset keeps the deterministic encoding and redraws t and ε after it."""
+    from monai.data import CacheDataset
+    from monai.transforms import Compose, Lambdad
+
+    encode = Lambdad("image", lambda x: x * 2.0, overwrite="latent")
+    data = CacheDataset([{"image": torch.ones(3, 4, 4)}], Compose([encode, drift_noise(0.1)]), progress=False)
+    first, second = data[0], data[0]
+    assert torch.equal(first["latent"], second["latent"])
+    assert not torch.equal(first["noisy"], second["noisy"])
 
 
 # --- ToGrayscaled -------------------------------------------------------------------------------------------------
