@@ -250,8 +250,8 @@ INPUT_CASES = [case for case in CASES if case[0] not in CONFIG_CASES]
 def test_bad_input_is_refused_by_the_input_checks(untrained_bundle, tmp_path, make, message):
     from monai.bundle import ConfigParser
 
-    from scripts.inputs import counterfactual_records
-    from scripts.transforms import CovariateEncoder
+    from scripts.core.covariates import CovariateEncoder
+    from scripts.io.inputs import counterfactual_records
 
     np.random.seed(0)
     parser = ConfigParser()

@@ -12,16 +12,10 @@ from conftest import tiny_overrides
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler
 
-from scripts.drift import LatentDrift
-from scripts.inferers import (
-    CounterfactualInferer,
-    compose,
-    denoise_latents,
-    edit_mask,
-    invert_latents,
-    set_inference_timesteps,
-)
-from scripts.networks import ConditionedUNet, LatentDriftModel
+from scripts.core.drift import LatentDrift
+from scripts.core.inferers import CounterfactualInferer, compose, edit_mask
+from scripts.core.networks import ConditionedUNet, LatentDriftModel
+from scripts.core.sampling import denoise_latents, invert_latents, set_inference_timesteps
 
 
 def tiny_model(delta: float = 0.1, seed: int = 0) -> LatentDriftModel:

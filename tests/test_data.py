@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scripts.data import as_flag, csv_to_datalist, load_datalist, longitudinal_pairs  # noqa: E402
+from scripts.io.datalist import as_flag, csv_to_datalist, load_datalist, longitudinal_pairs  # noqa: E402
 
 COLUMNS = {"image": "path", "subject": "PTID", "visit": "VISCODE", "age": "AGE", "sex": "PTGENDER", "diagnosis": "DX"}
 HEADER = ["PTID", "VISCODE", "path", "AGE", "PTGENDER", "DX"]

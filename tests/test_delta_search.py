@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from scripts.delta_search import check_grid, distances
-from scripts.phantoms import generate_cohort
+from scripts.cohort.generate import generate_cohort
+from scripts.evaluation.delta_search import check_grid, distances
 
 CHEST = ["common.json", "chest_xray_2d.json", "find_delta.json"]
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts.oracle import compare_to_oracle
-from scripts.phantoms import CHEST_LABELS, write_counterfactual_truth
+from scripts.cohort.causal_model import CHEST_LABELS
+from scripts.cohort.generate import write_counterfactual_truth
+from scripts.cohort.oracle import compare_to_oracle
 
 pytestmark = pytest.mark.slow
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""MONAI Deploy app (scripts/deploy_app): end-to-end runs like a user's, on a NIfTI volume and on a DICOM series."""
+"""MONAI Deploy app (scripts/apps/deploy_app): end-to-end runs like a user's, on a NIfTI volume and on a DICOM series."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ STEPS = "5"
 
 
 def run_app(input_path: Path, output_dir: Path, *flags: str, env: dict[str, str] | None = None):
-    """`python scripts/deploy_app/app.py -i <input> -o <output> -m <bundle> <flags>`, as a user runs it."""
+    """`python scripts/apps/deploy_app/app.py -i <input> -o <output> -m <bundle> <flags>`, as a user runs it."""
     command = [sys.executable, str(APP), "-i", str(input_path), "-o", str(output_dir), "-m", str(BUNDLE_ROOT), *flags]
     environment = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=900, env=environment)

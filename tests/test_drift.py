@@ -6,7 +6,7 @@ import pytest
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from scripts.drift import LatentDrift
+from scripts.core.drift import LatentDrift
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 

@@ -10,7 +10,7 @@ import torch
 from conftest import write_dicom
 from monai.bundle import ConfigParser
 
-from scripts.engines import LocalPerceptualLoss, atomic_save
+from scripts.training.engines import LocalPerceptualLoss, atomic_save
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def test_monochrome1_dicom_is_inverted_so_air_is_dark(tmp_path):
 
 
 def test_shipped_weights_that_do_not_match_their_sha256_are_refused(tmp_path):
-    from scripts.weights import file_sha256, load_weights
+    from scripts.io.weights import file_sha256, load_weights
 
     module = torch.nn.Linear(2, 2)
     torch.save(module.state_dict(), tmp_path / "model.pt")

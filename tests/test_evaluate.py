@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts import ablation, evaluate, evaluators
-from scripts.transforms import CovariateEncoder
+from scripts.core.covariates import CovariateEncoder
+from scripts.evaluation import evaluate, evaluators, metrics
+from scripts.experiments import ablation
 from tests.conftest import run_bundle
 
 CHEST_SCHEMA = {
@@ -33,13 +34,13 @@ SMALL_CHEST = [argument for key, value in SMALL.items() for argument in (f"--{ke
 @pytest.mark.parametrize("shape", [(3, 1, 64, 64), (2, 1, 40, 40, 40)])
 def test_similarity_is_perfect_on_identical_images_and_worse_on_perturbed(shape):
     images = torch.rand(shape, generator=torch.Generator().manual_seed(0))
-    same = evaluate.similarity(images, images.clone())
+    same = metrics.similarity(images, images.clone())
     assert same["mae"] == 0 and math.isinf(same["psnr"])
     assert same["ssim"] == pytest.approx(1.0, abs=1e-5) and same["ms_ssim"] == pytest.approx(1.0, abs=1e-5)
     noisy = (images + 0.1 * torch.randn(shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
-    worse = evaluate.similarity(images, noisy)
+    worse = metrics.similarity(images, noisy)
     assert worse["mae"] > 0.03 and worse["psnr"] < 30 and worse["ssim"] < 0.95 and worse["ms_ssim"] < 0.99
-    noisier = evaluate.similarity(images, (images + 0.3 * torch.randn(shape)).clamp(0, 1))
+    noisier = metrics.similarity(images, (images + 0.3 * torch.randn(shape)).clamp(0, 1))
     assert noisier["mae"] > worse["mae"] and noisier["ssim"] < worse["ssim"] and noisier["psnr"] < worse["psnr"]
 
 
@@ -48,13 +49,13 @@ def test_fid_and_kid_vanish_for_one_distribution_and_grow_with_a_shift():
     real = torch.randn(300, 16, generator=generator, dtype=torch.double)
     same = torch.randn(300, 16, generator=generator, dtype=torch.double)
     shifted = same + 1.0
-    assert evaluate.fid(real, real) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.fid(real, real) == pytest.approx(0.0, abs=1e-6)
     # KID is unbiased for independent samples: two draws of one distribution score about 0
-    assert abs(evaluate.kid(real, same)[0]) < 0.05 * evaluate.kid(real, shifted)[0]
-    assert evaluate.fid(real, shifted) > 10 * evaluate.fid(real, same)
-    assert evaluate.kid(real, shifted)[0] > 10 * abs(evaluate.kid(real, same)[0])
+    assert abs(metrics.kid(real, same)[0]) < 0.05 * metrics.kid(real, shifted)[0]
+    assert metrics.fid(real, shifted) > 10 * metrics.fid(real, same)
+    assert metrics.kid(real, shifted)[0] > 10 * abs(metrics.kid(real, same)[0])
     with pytest.raises(ValueError, match="at least 2"):
-        evaluate.kid(real[:1], same)
+        metrics.kid(real[:1], same)
 
 
 def test_interventions_flip_shift_and_literal():
@@ -269,18 +270,18 @@ def test_compositions_run_scores_every_variant_and_recommends_one(chest_cohort, 
 
 
 def test_composition_scores_are_perfect_for_the_truth_and_zero_for_doing_nothing():
-    from scripts.evaluate import _oracle_scores
+    from scripts.evaluation.metrics import oracle_scores
 
     images = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     truth = images.clone()
     truth[..., 4:8, 4:8] += 0.3
     changed = (truth - images).abs() > 0.02
-    perfect = _oracle_scores(truth, images, truth, changed, None)
+    perfect = oracle_scores(truth, images, truth, changed, None)
     assert perfect["gain_over_doing_nothing"] == pytest.approx(1.0) and perfect[
         "share_of_true_change"
     ] == pytest.approx(1)
-    nothing = _oracle_scores(images, images, truth, changed, changed.float())
+    nothing = oracle_scores(images, images, truth, changed, changed.float())
     assert nothing["gain_over_doing_nothing"] == pytest.approx(0.0) and nothing["share_of_true_change"] == 0.0
     assert nothing["mask_dice"] == pytest.approx(1.0) and nothing["mae_where_unchanged"] == 0.0
-    wrong_way = _oracle_scores(images - (truth - images), images, truth, changed, None)
+    wrong_way = oracle_scores(images - (truth - images), images, truth, changed, None)
     assert wrong_way["share_of_true_change"] == pytest.approx(-1.0) and wrong_way["gain_over_doing_nothing"] < 0

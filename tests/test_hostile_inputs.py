@@ -18,7 +18,7 @@ import pytest
 from conftest import BUNDLE_ROOT, bundle_command, tiny_chest_overrides, tiny_overrides, write_dicom
 from PIL import Image
 
-from scripts.results import ResultsFolder
+from scripts.io.results import ResultsFolder
 
 pytestmark = pytest.mark.slow
 

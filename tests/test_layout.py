@@ -28,7 +28,10 @@ def named_in(block: str, folder: str) -> set[str]:
     return set(re.findall(r"[\w.]+\.(?:json|conf|py|sh)\b|[\w]+_app/", paragraph))
 
 
-@pytest.mark.parametrize("folder", ["configs", "scripts"])
+SCRIPT_FOLDERS = sorted(p.name for p in (ROOT / "scripts").iterdir() if (p / "__init__.py").is_file())
+
+
+@pytest.mark.parametrize("folder", ["configs"] + [f"scripts/{name}" for name in SCRIPT_FOLDERS])
 def test_the_readme_layout_names_every_file_and_only_files_that_exist(folder):
     named = named_in(layout_block(), folder)
     present = {p.name for p in (ROOT / folder).glob("*.*") if p.suffix in (".json", ".conf", ".py", ".sh")}
@@ -38,9 +41,21 @@ def test_the_readme_layout_names_every_file_and_only_files_that_exist(folder):
     assert sorted(named - present) == [], "in the README's layout but not in the tree"
 
 
+def test_scripts_holds_only_its_folders_each_in_the_readme():
+    loose = sorted(p.name for p in (ROOT / "scripts").iterdir() if p.is_file() and p.name != "__init__.py")
+    assert loose == [], "a module belongs in the folder of its concern"
+    listed = set(re.findall(r"^scripts/(\w+)/", layout_block(), re.M))
+    assert listed == set(SCRIPT_FOLDERS)
+
+
+def test_the_method_reads_in_under_1300_lines():
+    lines = sum(len(p.read_text().splitlines()) for p in (ROOT / "scripts" / "core").glob("*.py"))
+    assert lines < 1300, f"scripts/core/ holds {lines} lines"
+
+
 def test_the_layout_check_notices_a_missing_file():
     block = layout_block().replace("results.py", "")
-    assert "results.py" not in named_in(block, "scripts")
+    assert "results.py" not in named_in(block, "scripts/io")
 
 
 @pytest.mark.parametrize("preset", PRESETS)

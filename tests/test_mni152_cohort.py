@@ -15,8 +15,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts import cohort_mni152, mni152_template, phantoms
-from scripts.oracle import compare_to_oracle
+from scripts.cohort import causal_model, generate
+from scripts.cohort import mni152 as cohort_mni152
+from scripts.cohort import mni152_template, render
+from scripts.cohort.oracle import compare_to_oracle
 
 SAMPLE = Path(__file__).resolve().parents[1] / "docs" / "samples" / "brain_mni152"
 
@@ -47,7 +49,7 @@ def ratio(u: cohort_mni152.Mni152Exogenous, key: str, before: dict, after: dict)
 def test_missing_nilearn_gives_one_line_error_naming_the_package_and_the_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "nilearn", None)  # `import nilearn` now raises ImportError
     with pytest.raises(ModuleNotFoundError, match=r"needs the nilearn package.*pip install nilearn==") as error:
-        phantoms.generate_cohort(tmp_path, "brain", num_subjects=1, anatomy="mni152")
+        generate.generate_cohort(tmp_path, "brain", num_subjects=1, anatomy="mni152")
     assert "\n" not in str(error.value)
 
 
@@ -73,7 +75,7 @@ def test_the_label_map_is_cached_in_the_cohort_folder_with_its_hash(tmp_path):
 
 @pytest.mark.parametrize("diagnosis", ["CN", "AD"])
 def test_ventricles_grow_at_the_documented_compound_rate(diagnosis):
-    expected = (1.0 + phantoms.VENTRICLE_GROWTH_PER_YEAR[diagnosis]) ** 10
+    expected = (1.0 + causal_model.VENTRICLE_GROWTH_PER_YEAR[diagnosis]) ** 10
     for seed in SEEDS:
         u = cohort_mni152.sample_mni152_exogenous(seed)
         assert ratio(u, "ventricle_ml", brain(65.0, diagnosis), brain(75.0, diagnosis)) == pytest.approx(
@@ -89,7 +91,7 @@ def test_ventricles_grow_faster_with_ad_than_mci_than_cn_for_the_same_subject():
 
 @pytest.mark.parametrize("diagnosis", ["CN", "AD"])
 def test_hippocampi_shrink_at_the_documented_compound_rate(diagnosis):
-    expected = (1.0 - phantoms.HIPPOCAMPUS_SHRINK_PER_YEAR[diagnosis]) ** 10
+    expected = (1.0 - causal_model.HIPPOCAMPUS_SHRINK_PER_YEAR[diagnosis]) ** 10
     for seed in SEEDS:
         u = cohort_mni152.sample_mni152_exogenous(seed)
         measured = ratio(u, "hippocampus_ml", brain(65.0, diagnosis), brain(75.0, diagnosis))
@@ -101,16 +103,16 @@ def test_male_brain_is_larger_by_the_documented_scale():
     u = cohort_mni152.sample_mni152_exogenous(0)
     male = volumes(u, brain(70.0, sex="M"), WHOLE_GRID)["brain_ml"]
     female = volumes(u, brain(70.0, sex="F"), WHOLE_GRID)["brain_ml"]
-    assert male / female == pytest.approx(phantoms.SEX_LINEAR_SCALE["M"] ** 3, rel=TOLERANCE * 0.1)
+    assert male / female == pytest.approx(causal_model.SEX_LINEAR_SCALE["M"] ** 3, rel=TOLERANCE * 0.1)
 
 
 def test_cortex_thins_brain_shrinks_and_gm_wm_contrast_falls_with_age():
     u = cohort_mni152.sample_mni152_exogenous(2)
     young_image, young = cohort_mni152.render_mni152(u, brain(60.0), **WHOLE_GRID)
     old_image, old = cohort_mni152.render_mni152(u, brain(85.0), **WHOLE_GRID)
-    gm, wm = phantoms.BRAIN_LABELS["gray_matter"], phantoms.BRAIN_LABELS["white_matter"]
+    gm, wm = causal_model.BRAIN_LABELS["gray_matter"], causal_model.BRAIN_LABELS["white_matter"]
     contrast = [img[lab == wm].mean() - img[lab == gm].mean() for img, lab in ((young_image, young), (old_image, old))]
-    expected = (1.0 - phantoms.GM_WM_CONTRAST_DECAY_PER_YEAR) ** 25
+    expected = (1.0 - causal_model.GM_WM_CONTRAST_DECAY_PER_YEAR) ** 25
     assert contrast[1] / contrast[0] == pytest.approx(expected, rel=TOLERANCE)
     young_ml, old_ml = (cohort_mni152.measure_mni152(lab, 4.0) for lab in (young, old))
     assert old_ml["gray_matter_ml"] < young_ml["gray_matter_ml"] and old_ml["brain_ml"] < young_ml["brain_ml"]
@@ -138,44 +140,44 @@ def test_every_subject_brain_fits_inside_the_default_field_of_view():
 
 
 def test_cohort_keeps_the_phantom_layout_and_re_renders_bit_for_bit(tmp_path):
-    path = phantoms.generate_cohort(tmp_path, "brain", 2, 2, shape=(24, 30, 24), spacing=8.0, seed=1, anatomy="mni152")
+    path = generate.generate_cohort(tmp_path, "brain", 2, 2, shape=(24, 30, 24), spacing=8.0, seed=1, anatomy="mni152")
     records = [r for section in json.loads(open(path).read()).values() for r in section]
     assert len(records) == 4 and set(records[0]) == {"image", "label", "subject", "visit", "age", "sex", "diagnosis"}
     content = json.loads((tmp_path / "exogenous" / "sub-0001.json").read_text())
     assert content["anatomy"] == "mni152" and len(content["measurements"]) == 2
-    subject = phantoms.load_subject(tmp_path, "sub-0001")
-    image, label = phantoms.render("brain", subject["u"], subject["visits"][1], (24, 30, 24), 8.0, anatomy="mni152")
+    subject = generate.load_subject(tmp_path, "sub-0001")
+    image, label = render.render("brain", subject["u"], subject["visits"][1], (24, 30, 24), 8.0, anatomy="mni152")
     assert np.array_equal(np.asarray(nib.load(tmp_path / "images" / "sub-0001_visit-1.nii.gz").dataobj), image)
     assert np.array_equal(np.asarray(nib.load(tmp_path / "labels" / "sub-0001_visit-1.nii.gz").dataobj), label)
-    truth = phantoms.write_counterfactual_truth(tmp_path, "sub-0001", {}, visit=1, output_dir=tmp_path / "cf")
+    truth = generate.write_counterfactual_truth(tmp_path, "sub-0001", {}, visit=1, output_dir=tmp_path / "cf")
     assert np.array_equal(np.asarray(nib.load(truth["image"]).dataobj), image)
 
 
 def test_oracle_renders_the_counterfactual_of_the_same_subject_and_refuses_other_template_labels(tmp_path):
-    phantoms.generate_cohort(tmp_path, "brain", 1, 1, shape=(24, 30, 24), spacing=8.0, seed=2, anatomy="mni152")
-    subject = phantoms.load_subject(tmp_path, "sub-0001")
-    truth = phantoms.write_counterfactual_truth(tmp_path, "sub-0001", {"age": 90.0, "diagnosis": "AD"})
+    generate.generate_cohort(tmp_path, "brain", 1, 1, shape=(24, 30, 24), spacing=8.0, seed=2, anatomy="mni152")
+    subject = generate.load_subject(tmp_path, "sub-0001")
+    truth = generate.write_counterfactual_truth(tmp_path, "sub-0001", {"age": 90.0, "diagnosis": "AD"})
     target = {**subject["visits"][0], "age": 90.0, "diagnosis": "AD"}
-    expected, _ = phantoms.render("brain", subject["u"], target, (24, 30, 24), 8.0, anatomy="mni152")
+    expected, _ = render.render("brain", subject["u"], target, (24, 30, 24), 8.0, anatomy="mni152")
     assert np.array_equal(np.asarray(nib.load(truth["image"]).dataobj), expected)
     exogenous = tmp_path / "exogenous" / "sub-0001.json"
     exogenous.write_text(json.dumps({**json.loads(exogenous.read_text()), "template_sha256": "0" * 64}))
     with pytest.raises(ValueError, match="template labels sha256"):
-        phantoms.write_counterfactual_truth(tmp_path, "sub-0001", {"age": 90.0})
+        generate.write_counterfactual_truth(tmp_path, "sub-0001", {"age": 90.0})
 
 
 def test_anatomy_is_checked_against_the_modality_and_the_exogenous_factors():
     with pytest.raises(ValueError, match="anatomy must be one of"):
-        phantoms.generate_cohort("/tmp/unused", anatomy="atlas")
+        generate.generate_cohort("/tmp/unused", anatomy="atlas")
     with pytest.raises(ValueError, match="brain anatomy"):
-        phantoms.generate_cohort("/tmp/unused", "chest", anatomy="mni152")
+        generate.generate_cohort("/tmp/unused", "chest", anatomy="mni152")
     with pytest.raises(TypeError, match="Mni152Exogenous"):
-        phantoms.render("brain", phantoms.sample_brain_exogenous(0), brain(70.0), anatomy="mni152")
+        render.render("brain", causal_model.sample_brain_exogenous(0), brain(70.0), anatomy="mni152")
 
 
 def test_the_shipped_sample_re_renders_from_its_exogenous_file():
-    subject = phantoms.load_subject(SAMPLE, "sample")
-    image, label = phantoms.render("brain", subject["u"], subject["visits"][0], subject["shape"], 3.0, anatomy="mni152")
+    subject = generate.load_subject(SAMPLE, "sample")
+    image, label = render.render("brain", subject["u"], subject["visits"][0], subject["shape"], 3.0, anatomy="mni152")
     assert subject["shape"] == (64, 80, 64) and subject["template_sha256"] == mni152_template.load_template().sha256
     assert np.array_equal(np.asarray(nib.load(SAMPLE / "labels" / "sample_visit-0.nii.gz").dataobj), label)
     # bit for bit on the machine that wrote it; float32 resampling may differ in the last bits elsewhere
@@ -186,11 +188,11 @@ def test_the_shipped_sample_re_renders_from_its_exogenous_file():
 
 def test_oracle_scores_the_true_counterfactual_of_the_shipped_sample_as_perfect(tmp_path):
     changes = {"age": 85.0, "diagnosis": "AD"}
-    truth = phantoms.write_counterfactual_truth(SAMPLE, "sample", changes, output_dir=tmp_path / "truth")
+    truth = generate.write_counterfactual_truth(SAMPLE, "sample", changes, output_dir=tmp_path / "truth")
     copy = tmp_path / "counterfactual.nii.gz"
     shutil.copy(truth["image"], copy)
     record = tmp_path / "record.json"
-    target = {**phantoms.load_subject(SAMPLE, "sample")["visits"][0], **changes}
+    target = {**generate.load_subject(SAMPLE, "sample")["visits"][0], **changes}
     record.write_text(json.dumps({"target": target, "outputs": {"counterfactual": str(copy)}}))
     result = compare_to_oracle(str(record), str(SAMPLE), "sample")
     assert result["changes"] == changes and result["regions"]["ventricle_growth_rim"]["voxels"] > 0
@@ -215,9 +217,9 @@ def test_bundle_cli_generates_a_real_anatomy_cohort(tmp_path, bundle_cli):
 
 @pytest.mark.slow
 def test_volume_ceiling_fits_on_training_records_and_scores_the_validation_records(tmp_path):
-    from scripts.cohort_summary import volume_ceiling
+    from scripts.cohort.summary import volume_ceiling
 
-    phantoms.generate_cohort(
+    generate.generate_cohort(
         tmp_path, "brain", 8, 2, shape=(24, 30, 24), spacing=8.0, seed=2, val_fraction=0.25, anatomy="mni152"
     )
     datalist = json.loads((tmp_path / "datalist.json").read_text())

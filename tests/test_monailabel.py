@@ -1,4 +1,4 @@
-"""MONAI Label: the real monailabel package serves the bundle's counterfactual (scripts/monailabel_app).
+"""MONAI Label: the real monailabel package serves the bundle's counterfactual (scripts/apps/monailabel_app).
 
 Needs the monailabel venv that `.ci/monailabel` builds; without monailabel the module is skipped.
 """

@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import BUNDLE_ROOT
 
-from scripts.phantoms import generate_cohort
-from scripts.weights import read_weights
+from scripts.cohort.generate import generate_cohort
+from scripts.io.weights import read_weights
 
 pytestmark = pytest.mark.slow
 

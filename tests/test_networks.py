@@ -9,9 +9,9 @@ import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from torch import nn
 
-from scripts.drift import LatentDrift
-from scripts.networks import ConditionedUNet, LatentDriftModel, latent_scale_factor, select_trainable
-from scripts.weights import load_weights
+from scripts.core.drift import LatentDrift
+from scripts.core.networks import ConditionedUNet, LatentDriftModel, latent_scale_factor, select_trainable
+from scripts.io.weights import load_weights
 
 CONDITION_SIZE, CONTEXT_DIM = 6, 16
 CROSS_ATTENTION_KV = re.compile(r"\.attn2\.to_[kv]\.weight$")

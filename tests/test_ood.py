@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import BUNDLE_ROOT
 
-from scripts.ood import input_profile, out_of_distribution, reconstruction_errors
+from scripts.io.ood import input_profile, out_of_distribution, reconstruction_errors
 
 PROFILE = {"values": [0.01, 0.012, 0.013, 0.015, 0.02], "percentile": 99.0, "threshold": 0.0198}
 
@@ -48,8 +48,8 @@ def test_shipped_brain_weights_flag_a_far_off_scan_and_not_new_cohort_scans(tmp_
     from monai.bundle import ConfigParser
     from monai.transforms import Compose
 
-    from scripts.phantoms import generate_cohort
-    from scripts.weights import load_weights
+    from scripts.cohort.generate import generate_cohort
+    from scripts.io.weights import load_weights
 
     parser = ConfigParser()
     parser.read_config([str(BUNDLE_ROOT / "configs" / n) for n in ("common.json", "brain_mri_3d.json")])

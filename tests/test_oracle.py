@@ -1,4 +1,4 @@
-"""Scoring a counterfactual against the generator's oracle (scripts/oracle.py)."""
+"""Scoring a counterfactual against the generator's oracle (scripts/cohort/oracle.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts.oracle import compare_to_oracle
-from scripts.phantoms import write_counterfactual_truth
+from scripts.cohort.generate import write_counterfactual_truth
+from scripts.cohort.oracle import compare_to_oracle
 
 SAMPLES = Path(__file__).resolve().parents[1] / "docs" / "samples"
 CASES = {"chest": {"cardiomegaly": 1, "effusion": 1}, "brain": {"age": 85, "diagnosis": "AD"}}

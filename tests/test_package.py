@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.package import build_zip
+from scripts.tools.package import build_zip
 
 pytestmark = pytest.mark.slow
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def test_ckpt_export_traces_the_network_component_to_torchscript(tmp_path, bundl
     import torch
     from monai.bundle import ConfigParser
 
-    from scripts.weights import read_weights
+    from scripts.io.weights import read_weights
 
     configs = ["inference.json", "chest_xray_2d.json"]
     exported = tmp_path / "model.ts"

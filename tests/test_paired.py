@@ -13,12 +13,14 @@ from monai.data import list_data_collate
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from scripts.drift import LatentDrift
-from scripts.engines import LatentDiffusionPrepareBatch
-from scripts.networks import ConditionedUNet, LatentDriftModel
-from scripts.paired import PerImaged, paired_datalist, sample_paired
-from scripts.transforms import CovariateEncoder, CovariateError, DriftNoised, EncodeLatentd
-from scripts.weights import read_weights
+from scripts.core.covariates import CovariateEncoder, CovariateError
+from scripts.core.drift import LatentDrift
+from scripts.core.networks import ConditionedUNet, LatentDriftModel
+from scripts.core.paired import PerImaged, sample_paired
+from scripts.core.transforms import DriftNoised, EncodeLatentd
+from scripts.io.datalist import paired_datalist
+from scripts.io.weights import read_weights
+from scripts.training.engines import LatentDiffusionPrepareBatch
 
 SCHEMA = {
     "age": {"type": "continuous", "range": [40, 100]},
@@ -149,7 +151,13 @@ def test_prepare_batch_drift_moves_only_the_noisy_half(model, batch):
 
 def test_sample_paired_returns_a_target_latent_of_the_source_shape(model, batch, source_latent):
     latent = sample_paired(
-        model, inference_scheduler(), source_latent, batch["condition_source"], batch["condition_target"], 4
+        model,
+        inference_scheduler(),
+        source_latent,
+        batch["condition_source"],
+        batch["condition_target"],
+        4,
+        drift=model.drift,
     )
     assert latent.shape == source_latent.shape and torch.isfinite(latent).all()
 
@@ -157,14 +165,15 @@ def test_sample_paired_returns_a_target_latent_of_the_source_shape(model, batch,
 def test_sample_paired_is_deterministic_given_the_noise(model, batch, source_latent):
     noise = torch.randn(source_latent.shape, generator=torch.Generator().manual_seed(5))
     arguments = (model, inference_scheduler(), source_latent, batch["condition_source"], batch["condition_target"], 4)
-    assert torch.equal(sample_paired(*arguments, noise=noise), sample_paired(*arguments, noise=noise))
+    first, second = (sample_paired(*arguments, noise=noise, drift=model.drift) for _ in range(2))
+    assert torch.equal(first, second)
 
 
 def test_sample_paired_depends_on_the_source_latent(model, batch, source_latent):
     noise = torch.randn(source_latent.shape, generator=torch.Generator().manual_seed(5))
     scheduler, cs, ct = inference_scheduler(), batch["condition_source"], batch["condition_target"]
-    first = sample_paired(model, scheduler, source_latent, cs, ct, 4, noise=noise)
-    second = sample_paired(model, scheduler, source_latent + 1.0, cs, ct, 4, noise=noise)
+    first = sample_paired(model, scheduler, source_latent, cs, ct, 4, noise=noise, drift=model.drift)
+    second = sample_paired(model, scheduler, source_latent + 1.0, cs, ct, 4, noise=noise, drift=model.drift)
     assert not torch.allclose(first, second)
 
 
@@ -189,10 +198,10 @@ def test_guidance_scale_zero_samples_with_the_null_condition_for_both_halves(mod
     scheduler, null = inference_scheduler(), encoder.null()
     unconditional = sample_paired(
         model, scheduler, source_latent, batch["condition_source"], batch["condition_target"], 4,
-        guidance_scale=0.0, null_condition=null, noise=noise,
+        guidance_scale=0.0, null_condition=null, noise=noise, drift=model.drift,
     )  # fmt: skip
     nulls = null.reshape(1, 1, -1).expand(2, 1, -1)
-    expected = sample_paired(model, scheduler, source_latent, nulls, nulls, 4, noise=noise)
+    expected = sample_paired(model, scheduler, source_latent, nulls, nulls, 4, noise=noise, drift=model.drift)
     torch.testing.assert_close(unconditional, expected, rtol=1e-3, atol=1e-3)  # batch-of-2 vs batch-of-1 rounding
 
 
@@ -200,7 +209,7 @@ def test_guidance_without_a_null_condition_is_an_error(model, batch, source_late
     with pytest.raises(ValueError, match="null condition"):
         sample_paired(
             model, inference_scheduler(), source_latent, batch["condition_source"], batch["condition_target"], 2,
-            guidance_scale=3.0,
+            guidance_scale=3.0, drift=model.drift,
         )  # fmt: skip
 
 
@@ -263,7 +272,7 @@ TINY = [
 def test_paired_training_cli_end_to_end(tmp_path, bundle_cli):
     from monai.bundle import ConfigParser
 
-    from scripts.phantoms import generate_cohort
+    from scripts.cohort.generate import generate_cohort
 
     cohort = {"modality": "brain", "num_subjects": 4, "visits_per_subject": 2, "shape": (32, 32, 32), "spacing": 6.0}
     generate_cohort(tmp_path / "cohort", seed=1, **cohort)

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from scripts import phantoms
+from scripts.cohort import brain_phantom, causal_model, chest_phantom, generate, render
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A 192 mm field of view at 4.8 mm voxels: the whole head, ~5x faster than the 64^3 default, for qualitative checks.
@@ -36,8 +36,8 @@ def chest(cardiomegaly: int = 0, effusion: int = 0, sex: str = "F", age: float =
 
 
 def measured_brain(seed: int, covariates: dict) -> dict:
-    _, label = phantoms.render_brain(phantoms.sample_brain_exogenous(seed), covariates, **VOLUME_GRID)
-    return phantoms.measure_brain(label, VOLUME_GRID["spacing"])
+    _, label = brain_phantom.render_brain(causal_model.sample_brain_exogenous(seed), covariates, **VOLUME_GRID)
+    return brain_phantom.measure_brain(label, VOLUME_GRID["spacing"])
 
 
 def mean_ratio(key: str, before: dict, after: dict) -> float:
@@ -45,48 +45,50 @@ def mean_ratio(key: str, before: dict, after: dict) -> float:
 
 
 def test_brain_render_is_bit_identical_for_the_same_inputs():
-    u = phantoms.sample_brain_exogenous(3)
-    first = phantoms.render_brain(u, brain(70.0), **BRAIN_GRID)
-    second = phantoms.render_brain(phantoms.sample_brain_exogenous(3), brain(70.0), **BRAIN_GRID)
+    u = causal_model.sample_brain_exogenous(3)
+    first = brain_phantom.render_brain(u, brain(70.0), **BRAIN_GRID)
+    second = brain_phantom.render_brain(causal_model.sample_brain_exogenous(3), brain(70.0), **BRAIN_GRID)
     assert first[0].dtype == np.float32 and first[1].dtype == np.uint8
     assert np.array_equal(first[0], second[0]) and np.array_equal(first[1], second[1])
 
 
 def test_chest_render_is_bit_identical_for_the_same_inputs():
-    u = phantoms.sample_chest_exogenous(3)
-    first = phantoms.render_chest(u, chest(1, 1), CHEST_SHAPE)
-    second = phantoms.render_chest(u, chest(1, 1), CHEST_SHAPE)
+    u = causal_model.sample_chest_exogenous(3)
+    first = chest_phantom.render_chest(u, chest(1, 1), CHEST_SHAPE)
+    second = chest_phantom.render_chest(u, chest(1, 1), CHEST_SHAPE)
     assert np.array_equal(first[0], second[0]) and np.array_equal(first[1], second[1])
 
 
 def test_a_different_noise_seed_changes_only_the_noise():
-    u = phantoms.sample_brain_exogenous(0)
-    other = phantoms.BrainExogenous.from_dict({**u.to_dict(), "noise_seed": u.noise_seed + 1})
-    image_a, label_a = phantoms.render_brain(u, brain(70.0), **BRAIN_GRID)
-    image_b, label_b = phantoms.render_brain(other, brain(70.0), **BRAIN_GRID)
+    u = causal_model.sample_brain_exogenous(0)
+    other = causal_model.BrainExogenous.from_dict({**u.to_dict(), "noise_seed": u.noise_seed + 1})
+    image_a, label_a = brain_phantom.render_brain(u, brain(70.0), **BRAIN_GRID)
+    image_b, label_b = brain_phantom.render_brain(other, brain(70.0), **BRAIN_GRID)
     assert not np.array_equal(image_a, image_b)
     assert np.array_equal(label_a, label_b)
     assert np.abs(image_a - image_b).mean() < 4 * u.noise_sigma
 
 
 def test_brain_image_has_t1_contrast_wm_brighter_than_gm_brighter_than_csf():
-    u = phantoms.sample_brain_exogenous(0)
-    image, label = phantoms.render_brain(u, brain(60.0), **BRAIN_GRID)
-    mean = {name: image[label == value].mean() for name, value in phantoms.BRAIN_LABELS.items() if name != "background"}
+    u = causal_model.sample_brain_exogenous(0)
+    image, label = brain_phantom.render_brain(u, brain(60.0), **BRAIN_GRID)
+    mean = {
+        name: image[label == value].mean() for name, value in causal_model.BRAIN_LABELS.items() if name != "background"
+    }
     assert mean["white_matter"] > mean["gray_matter"] + 0.1 > mean["ventricles"] + 0.2
     assert 0.0 <= image.min() and image.max() < 1.5
 
 
 @pytest.mark.parametrize("diagnosis", ["CN", "AD"])
 def test_ventricles_grow_at_the_documented_compound_rate(diagnosis):
-    expected = (1.0 + phantoms.VENTRICLE_GROWTH_PER_YEAR[diagnosis]) ** 10
+    expected = (1.0 + causal_model.VENTRICLE_GROWTH_PER_YEAR[diagnosis]) ** 10
     ratio = mean_ratio("ventricle_ml", brain(65.0, diagnosis), brain(75.0, diagnosis))
     assert ratio == pytest.approx(expected, rel=MEAN_RATIO_TOLERANCE)
 
 
 @pytest.mark.parametrize("diagnosis", ["CN", "AD"])
 def test_hippocampi_shrink_at_the_documented_compound_rate(diagnosis):
-    expected = (1.0 - phantoms.HIPPOCAMPUS_SHRINK_PER_YEAR[diagnosis]) ** 10
+    expected = (1.0 - causal_model.HIPPOCAMPUS_SHRINK_PER_YEAR[diagnosis]) ** 10
     ratio = mean_ratio("hippocampus_ml", brain(65.0, diagnosis), brain(75.0, diagnosis))
     assert ratio < 1.0
     assert ratio == pytest.approx(expected, rel=MEAN_RATIO_TOLERANCE)
@@ -104,77 +106,81 @@ def test_brain_shrinks_with_age_while_skull_size_stays():
 
 
 def test_cortex_thins_and_gm_wm_contrast_falls_with_age():
-    u = phantoms.sample_brain_exogenous(2)
-    young_image, young = phantoms.render_brain(u, brain(60.0), **BRAIN_GRID)
-    old_image, old = phantoms.render_brain(u, brain(85.0), **BRAIN_GRID)
-    gm, wm = phantoms.BRAIN_LABELS["gray_matter"], phantoms.BRAIN_LABELS["white_matter"]
+    u = causal_model.sample_brain_exogenous(2)
+    young_image, young = brain_phantom.render_brain(u, brain(60.0), **BRAIN_GRID)
+    old_image, old = brain_phantom.render_brain(u, brain(85.0), **BRAIN_GRID)
+    gm, wm = causal_model.BRAIN_LABELS["gray_matter"], causal_model.BRAIN_LABELS["white_matter"]
     contrast = [img[lab == wm].mean() - img[lab == gm].mean() for img, lab in ((young_image, young), (old_image, old))]
-    expected = (1.0 - phantoms.GM_WM_CONTRAST_DECAY_PER_YEAR) ** 25
+    expected = (1.0 - causal_model.GM_WM_CONTRAST_DECAY_PER_YEAR) ** 25
     assert contrast[1] / contrast[0] == pytest.approx(expected, rel=0.1)
     assert (old == gm).sum() < (young == gm).sum()
 
 
 def test_male_brain_is_larger_than_female_brain_by_the_documented_scale():
     ratio = measured_brain(0, brain(70.0, sex="M"))["brain_ml"] / measured_brain(0, brain(70.0, sex="F"))["brain_ml"]
-    assert ratio == pytest.approx(phantoms.SEX_LINEAR_SCALE["M"] ** 3, rel=0.03)
+    assert ratio == pytest.approx(causal_model.SEX_LINEAR_SCALE["M"] ** 3, rel=0.03)
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_cardiomegaly_moves_the_cardiothoracic_ratio_across_one_half(seed):
-    u = phantoms.sample_chest_exogenous(seed)
-    normal = phantoms.measure_chest(phantoms.render_chest(u, chest(0), CHEST_SHAPE)[1])["cardiothoracic_ratio"]
-    enlarged = phantoms.measure_chest(phantoms.render_chest(u, chest(1), CHEST_SHAPE)[1])["cardiothoracic_ratio"]
+    u = causal_model.sample_chest_exogenous(seed)
+    normal = chest_phantom.measure_chest(chest_phantom.render_chest(u, chest(0), CHEST_SHAPE)[1])[
+        "cardiothoracic_ratio"
+    ]
+    enlarged = chest_phantom.measure_chest(chest_phantom.render_chest(u, chest(1), CHEST_SHAPE)[1])[
+        "cardiothoracic_ratio"
+    ]
     assert 0.38 < normal < 0.5 < enlarged < 0.7
     assert normal == pytest.approx(u.ctr_baseline, abs=0.035)
-    assert enlarged / normal == pytest.approx(phantoms.CARDIOMEGALY_WIDTH_FACTOR, rel=0.06)
+    assert enlarged / normal == pytest.approx(causal_model.CARDIOMEGALY_WIDTH_FACTOR, rel=0.06)
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_effusion_fills_the_costophrenic_angle_and_none_gives_zero(seed):
-    u = phantoms.sample_chest_exogenous(seed)
-    image_dry, label_dry = phantoms.render_chest(u, chest(effusion=0), CHEST_SHAPE)
-    image_wet, label_wet = phantoms.render_chest(u, chest(effusion=1), CHEST_SHAPE)
-    assert phantoms.measure_chest(label_dry)["effusion_fraction"] == 0.0
-    assert phantoms.measure_chest(label_wet)["effusion_fraction"] > 0.03
-    fluid = label_wet == phantoms.CHEST_LABELS["effusion"]
+    u = causal_model.sample_chest_exogenous(seed)
+    image_dry, label_dry = chest_phantom.render_chest(u, chest(effusion=0), CHEST_SHAPE)
+    image_wet, label_wet = chest_phantom.render_chest(u, chest(effusion=1), CHEST_SHAPE)
+    assert chest_phantom.measure_chest(label_dry)["effusion_fraction"] == 0.0
+    assert chest_phantom.measure_chest(label_wet)["effusion_fraction"] > 0.03
+    fluid = label_wet == causal_model.CHEST_LABELS["effusion"]
     rows = np.flatnonzero(fluid.any(axis=1))
     assert rows.min() > CHEST_SHAPE[0] // 2  # the fluid collects in the lower half of the chest
     assert image_wet[fluid].mean() > image_dry[fluid].mean() + 0.1  # fluid is denser (brighter) than air
 
 
 def test_chest_film_shows_dark_lungs_and_a_bright_heart():
-    image, label = phantoms.render_chest(phantoms.sample_chest_exogenous(0), chest(), CHEST_SHAPE)
-    lungs = np.isin(label, [phantoms.CHEST_LABELS["right_lung"], phantoms.CHEST_LABELS["left_lung"]])
-    assert image[lungs].mean() + 0.25 < image[label == phantoms.CHEST_LABELS["heart"]].mean()
-    assert image[label == phantoms.CHEST_LABELS["background"]].mean() < 0.05
+    image, label = chest_phantom.render_chest(causal_model.sample_chest_exogenous(0), chest(), CHEST_SHAPE)
+    lungs = np.isin(label, [causal_model.CHEST_LABELS["right_lung"], causal_model.CHEST_LABELS["left_lung"]])
+    assert image[lungs].mean() + 0.25 < image[label == causal_model.CHEST_LABELS["heart"]].mean()
+    assert image[label == causal_model.CHEST_LABELS["background"]].mean() < 0.05
 
 
 @pytest.mark.parametrize("modality", ["brain", "chest"])
 def test_counterfactual_without_change_equals_the_factual_render(modality):
-    u = phantoms.sample_exogenous(modality, 5)
+    u = causal_model.sample_exogenous(modality, 5)
     covariates = brain(72.0, "MCI") if modality == "brain" else chest(1, 0)
     grid = BRAIN_GRID if modality == "brain" else {"shape": CHEST_SHAPE}
-    factual = phantoms.render(modality, u, covariates, **grid)
-    same = phantoms.counterfactual(modality, u, covariates, {}, **grid)
+    factual = render.render(modality, u, covariates, **grid)
+    same = render.counterfactual(modality, u, covariates, {}, **grid)
     assert all(np.array_equal(a, b) for a, b in zip(factual, same))
 
 
 def test_counterfactual_applies_the_change_to_the_same_subject():
-    u = phantoms.sample_brain_exogenous(5)
+    u = causal_model.sample_brain_exogenous(5)
     changes = {"age": 80.0, "diagnosis": "AD"}
-    image, label = phantoms.counterfactual("brain", u, brain(70.0, "CN"), changes, **BRAIN_GRID)
-    expected = phantoms.render_brain(u, brain(80.0, "AD"), **BRAIN_GRID)
+    image, label = render.counterfactual("brain", u, brain(70.0, "CN"), changes, **BRAIN_GRID)
+    expected = brain_phantom.render_brain(u, brain(80.0, "AD"), **BRAIN_GRID)
     assert np.array_equal(image, expected[0]) and np.array_equal(label, expected[1])
 
 
 def test_exogenous_factors_round_trip_through_json():
-    for modality in phantoms.MODALITIES:
-        u = phantoms.sample_exogenous(modality, 11)
+    for modality in causal_model.MODALITIES:
+        u = causal_model.sample_exogenous(modality, 11)
         assert type(u).from_dict(json.loads(json.dumps(u.to_dict()))) == u
 
 
 def test_generate_cohort_writes_a_subject_split_datalist_with_covariates(tmp_path):
-    path = phantoms.generate_cohort(tmp_path, "brain", num_subjects=5, shape=(32, 32, 32), spacing=6.0, seed=1)
+    path = generate.generate_cohort(tmp_path, "brain", num_subjects=5, shape=(32, 32, 32), spacing=6.0, seed=1)
     with open(path) as f:
         datalist = json.load(f)
     records = datalist["training"] + datalist["validation"]
@@ -194,19 +200,19 @@ def test_generate_cohort_writes_a_subject_split_datalist_with_covariates(tmp_pat
 def test_cohort_images_are_ras_nifti_and_re_render_from_their_exogenous_file(tmp_path):
     import nibabel as nib
 
-    phantoms.generate_cohort(tmp_path, "brain", num_subjects=1, visits_per_subject=1, shape=(32, 32, 32), spacing=6.0)
+    generate.generate_cohort(tmp_path, "brain", num_subjects=1, visits_per_subject=1, shape=(32, 32, 32), spacing=6.0)
     nifti = nib.load(tmp_path / "images" / "sub-0001_visit-0.nii.gz")
     assert nib.aff2axcodes(nifti.affine) == ("R", "A", "S")
     assert np.allclose(nifti.header.get_zooms(), 6.0)
-    subject = phantoms.load_subject(tmp_path, "sub-0001")
-    image, _ = phantoms.render("brain", subject["u"], subject["visits"][0], subject["shape"], subject["spacing"])
+    subject = generate.load_subject(tmp_path, "sub-0001")
+    image, _ = render.render("brain", subject["u"], subject["visits"][0], subject["shape"], subject["spacing"])
     assert np.array_equal(np.asarray(nifti.dataobj), image)
 
 
 def test_chest_cohort_writes_png_films_and_binary_findings(tmp_path):
     from PIL import Image
 
-    path = phantoms.generate_cohort(tmp_path, "chest", num_subjects=4, shape=(64, 64), seed=2)
+    path = generate.generate_cohort(tmp_path, "chest", num_subjects=4, shape=(64, 64), seed=2)
     with open(path) as f:
         records = [r for section in json.load(f).values() for r in section]
     assert len(records) == 4
@@ -216,8 +222,8 @@ def test_chest_cohort_writes_png_films_and_binary_findings(tmp_path):
 
 
 def test_write_counterfactual_truth_writes_the_oracle_files(tmp_path):
-    phantoms.generate_cohort(tmp_path, "brain", num_subjects=1, visits_per_subject=1, shape=(32, 32, 32), spacing=6.0)
-    truth = phantoms.write_counterfactual_truth(tmp_path, "sub-0001", {"age": 90.0})
+    generate.generate_cohort(tmp_path, "brain", num_subjects=1, visits_per_subject=1, shape=(32, 32, 32), spacing=6.0)
+    truth = generate.write_counterfactual_truth(tmp_path, "sub-0001", {"age": 90.0})
     assert os.path.isfile(truth["image"]) and os.path.isfile(truth["label"])
     assert truth["counterfactual_covariates"]["age"] == 90.0
     assert truth["counterfactual_measurements"]["ventricle_ml"] > 0
@@ -226,16 +232,16 @@ def test_write_counterfactual_truth_writes_the_oracle_files(tmp_path):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: phantoms.generate_cohort("/tmp/unused", modality="knee"), "modality"),
-        (lambda: phantoms.generate_cohort("/tmp/unused", num_subjects=0), "num_subjects"),
-        (lambda: phantoms.generate_cohort("/tmp/unused", shape=(64, 64)), "shape"),
-        (lambda: phantoms.generate_cohort("/tmp/unused", "chest", spacing=3.0), "spacing"),
-        (lambda: phantoms.generate_cohort("/tmp/unused", val_fraction=1.0), "val_fraction"),
-        (lambda: phantoms.render_brain(phantoms.sample_brain_exogenous(0), brain(70.0, "XYZ")), "diagnosis"),
-        (lambda: phantoms.render_brain(phantoms.sample_brain_exogenous(0), brain(70.0, sex="X")), "sex"),
-        (lambda: phantoms.render_brain(phantoms.sample_brain_exogenous(0), brain(float("nan"))), "age"),
-        (lambda: phantoms.render_chest(phantoms.sample_chest_exogenous(0), chest(effusion=2)), "effusion"),
-        (lambda: phantoms.counterfactual("brain", phantoms.sample_brain_exogenous(0), brain(70), {"bmi": 3}), "bmi"),
+        (lambda: generate.generate_cohort("/tmp/unused", modality="knee"), "modality"),
+        (lambda: generate.generate_cohort("/tmp/unused", num_subjects=0), "num_subjects"),
+        (lambda: generate.generate_cohort("/tmp/unused", shape=(64, 64)), "shape"),
+        (lambda: generate.generate_cohort("/tmp/unused", "chest", spacing=3.0), "spacing"),
+        (lambda: generate.generate_cohort("/tmp/unused", val_fraction=1.0), "val_fraction"),
+        (lambda: brain_phantom.render_brain(causal_model.sample_brain_exogenous(0), brain(70.0, "XYZ")), "diagnosis"),
+        (lambda: brain_phantom.render_brain(causal_model.sample_brain_exogenous(0), brain(70.0, sex="X")), "sex"),
+        (lambda: brain_phantom.render_brain(causal_model.sample_brain_exogenous(0), brain(float("nan"))), "age"),
+        (lambda: chest_phantom.render_chest(causal_model.sample_chest_exogenous(0), chest(effusion=2)), "effusion"),
+        (lambda: render.counterfactual("brain", causal_model.sample_brain_exogenous(0), brain(70), {"bmi": 3}), "bmi"),
     ],
 )
 def test_bad_arguments_raise_errors_naming_the_argument(call, message):
@@ -273,28 +279,28 @@ def test_bundle_cli_generate_writes_the_datalist(tmp_path):
 
 
 def test_acquisition_profiles_change_the_look_not_the_anatomy_and_the_oracle_keeps_the_profile(tmp_path):
-    brain_u, chest_u = phantoms.sample_exogenous("brain", 3), phantoms.sample_exogenous("chest", 3)
+    brain_u, chest_u = causal_model.sample_exogenous("brain", 3), causal_model.sample_exogenous("chest", 3)
     brain_cov = {"age": 70, "sex": "F", "diagnosis": "CN"}
-    t1, label = phantoms.render("brain", brain_u, brain_cov, shape=(32, 32, 32), spacing=6.0)
-    t2, label_t2 = phantoms.render("brain", brain_u, brain_cov, shape=(32, 32, 32), spacing=6.0, profile="t2")
+    t1, label = render.render("brain", brain_u, brain_cov, shape=(32, 32, 32), spacing=6.0)
+    t2, label_t2 = render.render("brain", brain_u, brain_cov, shape=(32, 32, 32), spacing=6.0, profile="t2")
     np.testing.assert_array_equal(label, label_t2)
-    labels = phantoms.BRAIN_LABELS
+    labels = causal_model.BRAIN_LABELS
     csf, wm = label == labels["ventricles"], label == labels["white_matter"]
     assert t1[wm].mean() > t1[csf].mean() and t2[csf].mean() > t2[wm].mean()  # T2-like: fluid bright
     chest_cov = {"age": 60, "sex": "M", "cardiomegaly": 0, "effusion": 0}
-    film, _ = phantoms.render("chest", chest_u, chest_cov, shape=(64, 64))
-    portable, _ = phantoms.render("chest", chest_u, chest_cov, shape=(64, 64), profile="portable")
-    again, _ = phantoms.render("chest", chest_u, chest_cov, shape=(64, 64), profile="portable")
+    film, _ = render.render("chest", chest_u, chest_cov, shape=(64, 64))
+    portable, _ = render.render("chest", chest_u, chest_cov, shape=(64, 64), profile="portable")
+    again, _ = render.render("chest", chest_u, chest_cov, shape=(64, 64), profile="portable")
     np.testing.assert_array_equal(portable, again)
     assert portable.min() >= 0.15 and np.abs(portable - film).mean() > 0.05
     with pytest.raises(ValueError, match="profile must be one of"):
-        phantoms.render("chest", chest_u, chest_cov, shape=(64, 64), profile="t2")
-    datalist = phantoms.generate_cohort(tmp_path, "chest", num_subjects=2, shape=(64, 64), profile="portable")
+        render.render("chest", chest_u, chest_cov, shape=(64, 64), profile="t2")
+    datalist = generate.generate_cohort(tmp_path, "chest", num_subjects=2, shape=(64, 64), profile="portable")
     record = json.loads(open(datalist).read())["training"][0]
-    truth = phantoms.write_counterfactual_truth(tmp_path, record["subject"], {"effusion": 1 - record["effusion"]})
-    subject = phantoms.load_subject(tmp_path, record["subject"])
+    truth = generate.write_counterfactual_truth(tmp_path, record["subject"], {"effusion": 1 - record["effusion"]})
+    subject = generate.load_subject(tmp_path, record["subject"])
     assert subject["profile"] == "portable"
-    expected, _ = phantoms.counterfactual(
+    expected, _ = render.counterfactual(
         "chest", subject["u"], subject["visits"][0], {"effusion": 1 - record["effusion"]}, (64, 64), profile="portable"
     )
     from PIL import Image

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts.phantoms import generate_cohort
-from scripts.weights import read_weights
+from scripts.cohort.generate import generate_cohort
+from scripts.io.weights import read_weights
 
 pytestmark = pytest.mark.slow
 

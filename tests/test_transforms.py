@@ -7,15 +7,10 @@ import torch
 from monai.data import MetaTensor
 from monai.networks.schedulers import DDPMScheduler
 
-from scripts.drift import LatentDrift
-from scripts.transforms import (
-    ConditionDropoutd,
-    CovariateEncoder,
-    CovariateError,
-    DriftNoised,
-    EncodeCovariatesd,
-    ToGrayscaled,
-)
+from scripts.core.covariates import CovariateEncoder, CovariateError, EncodeCovariatesd
+from scripts.core.drift import LatentDrift
+from scripts.core.transforms import ConditionDropoutd, DriftNoised
+from scripts.io.transforms import ToGrayscaled
 
 SCHEMA = {
     "age": {"type": "continuous", "range": [40, 100]},

@@ -9,8 +9,15 @@ import torch
 from conftest import BUNDLE_ROOT
 from torch import nn
 
-from scripts.drift import LatentDrift
-from scripts.weights import FORMAT_VERSION, WEIGHTS_FORMAT, load_weights, read_weights, save_weights, weights_metadata
+from scripts.core.drift import LatentDrift
+from scripts.io.weights import (
+    FORMAT_VERSION,
+    WEIGHTS_FORMAT,
+    load_weights,
+    read_weights,
+    save_weights,
+    weights_metadata,
+)
 
 SCHEMA = {"age": {"type": "continuous", "range": [40, 100]}}
 

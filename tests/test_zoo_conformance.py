@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts.package import check_standalone_configs, standalone_config, write_standalone_configs
-from scripts.weights import read_weights
+from scripts.io.weights import read_weights
+from scripts.tools.package import check_standalone_configs, standalone_config, write_standalone_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 METADATA = json.loads((ROOT / "configs" / "metadata.json").read_text())

@@ -1,0 +1,1 @@
+"""Apps serving the bundle: MONAI Label (monailabel_app/) and MONAI Deploy (deploy_app/)."""

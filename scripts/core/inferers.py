@@ -1,0 +1,330 @@
+"""Inferers: mixed-precision forward passes, autoencoder reconstruction and drifted DDIM sampling / inversion."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from monai.inferers import Inferer
+from monai.networks.layers import GaussianFilter
+from monai.networks.schedulers import DDIMScheduler
+from torch import nn
+
+from scripts.core.drift import LatentDrift
+from scripts.core.networks import LatentDriftModel
+from scripts.core.paired import sample_paired
+from scripts.core.sampling import (
+    PRECISIONS,
+    denoise_latents,
+    invert_latents,
+    precision_context,
+    set_inference_timesteps,
+)
+from scripts.io.datalist import as_flag
+
+
+class AutocastInferer(Inferer):
+    """Calls `network(inputs, *args, **kwargs)` under the chosen autocast precision and returns float32."""
+
+    def __init__(self, precision: str = "fp32") -> None:
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}.")
+        self.precision = precision
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with precision_context(inputs.device, self.precision):
+            output = network(inputs, *args, **kwargs)
+        return output.float() if isinstance(output, torch.Tensor) else output
+
+
+class ReconstructionInferer(AutocastInferer):
+    """Autoencoder reconstruction (encode to the posterior mean, decode) for stage-1 validation."""
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return super().__call__(inputs, network.reconstruct)
+
+
+COMPOSITIONS = ("reference", "reconstruction", "none")
+NOISE_QUANTILE = 0.9  # the reference chain's change level that `edit_mask` thresholds are relative to
+
+
+class CounterfactualInferer(Inferer):
+    """
+    Counterfactual image synthesis by abduction -> action -> prediction (Pearl's three steps):
+
+    1. abduction: encode the image to z_0 and DDIM-invert it with drift under the *source* covariates up to
+       t_0 = strength * T (the inverted latent carries what the covariates do not explain: the subject's anatomy);
+    2. action: swap the condition for the *target* covariates;
+    3. prediction: DDIM-sample from t_0 down to 0 with drift and classifier-free guidance, then decode.
+
+    Keeping the subject: the prediction also runs under the *source* covariates from the same inverted latent, with
+    the same noise and guidance, batched with the counterfactual chain (the reference chain z_ref). The model's
+    answer is the change D(z_cf) - D(base), which the workflow adds to the input itself (`compose`), so everything
+    the covariates do not cause keeps the input's own detail. The base is set by `composition`:
+    "reference" D(z_ref) (the default: the chain's own blur and drift cancel), "reconstruction" D(E(x)), or "none"
+    (the raw decode D(z_cf) is the output, as in plain latent diffusion editing).
+
+    Args:
+        scheduler: a DDIMScheduler with clip_sample=False.
+        num_inference_steps: DDIM steps over the whole chain [T, 0]; strength * steps of them are used each way.
+        strength: fraction of the chain inverted, in (0, 1]: higher allows larger changes, lower keeps more detail.
+        guidance_scale: classifier-free guidance weight w of the target condition (1 = no guidance).
+        null_condition: the encoder's null condition vector (needed for guidance).
+        delta: drift δ for inference (float or per-channel list); None uses the δ the weights were trained with
+            (the network's drift, which `load_weights` sets from the weights file).
+        drift_schedule: "paper" or "marginal" (see scripts/core/drift.py); None uses the weights' schedule.
+        composition: "reference", "reconstruction" or "none" (see above).
+        auto_mask: also return an edit mask (`edit_mask`): where the change is small against what the reference
+            chain itself changes, the output is the input, voxel for voxel. Runs the reference chain.
+        mask_threshold: the mask's threshold, in units of the reference chain's own change |D(z_ref) - D(E(x))|
+            (its 90th percentile over the image; see `edit_mask`).
+        mask_smoothing: Gaussian sigma (network voxels) of the mask's smoothing and soft edge.
+        num_samples: n > 1 draws n counterfactuals and returns their mean and per-voxel std. Each draw starts from
+            the inverted latent mixed with fresh noise, sqrt(1 - j²) z_t0 + j ε (variance preserving, j =
+            `sample_jitter`); n = 1 uses the inverted latent as it is (deterministic).
+        sample_jitter: j above, in [0, 1].
+        seed: seed of every random draw, so the same call gives the same output.
+        fixed_point_iterations: refinements per inversion step (see `invert_latents`).
+        precision: "fp32", "bf16" (CPU or CUDA) or "fp16" (CUDA).
+        progress: show progress bars for inversion and sampling.
+        compile: run the denoiser through `torch.compile` (compiled once per inferer, on the first call; needs a
+            C++ compiler on CPU; worth it for many inputs, not for one).
+        paired: the network is a paired (longitudinal) model (the configs/paired.json overlay), whose denoiser takes
+            the source latent as extra channels and [c_source, c_target] as condition. There is no inversion: each
+            draw samples the target latent from the drifted prior ε + δ over the whole chain (`strength` unused),
+            with guidance against the null of both vectors; its reference chain is conditioned on [c_source,
+            c_source]. n = 1 uses one seeded noise draw.
+    """
+
+    def __init__(
+        self,
+        scheduler: DDIMScheduler,
+        num_inference_steps: int = 50,
+        strength: float = 0.6,
+        guidance_scale: float = 1.0,
+        null_condition: torch.Tensor | None = None,
+        delta: float | list[float] | None = None,
+        drift_schedule: str | None = None,
+        composition: str = "reference",
+        auto_mask: bool = True,
+        mask_threshold: float = 2.0,
+        mask_smoothing: float = 1.0,
+        num_samples: int = 1,
+        sample_jitter: float = 0.1,
+        seed: int = 0,
+        fixed_point_iterations: int = 1,
+        precision: str = "fp32",
+        progress: bool = False,
+        paired: bool = False,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}.")
+        if num_samples < 1 or num_inference_steps < 1:
+            raise ValueError("num_samples and num_inference_steps must be at least 1.")
+        if not 0.0 <= sample_jitter <= 1.0:
+            raise ValueError(f"sample_jitter must be in [0, 1], got {sample_jitter}.")
+        if guidance_scale != 1.0 and null_condition is None:
+            raise ValueError("guidance_scale != 1 needs the null condition (covariate_encoder.null()).")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}.")
+        if composition not in COMPOSITIONS:
+            raise ValueError(f"composition must be one of {COMPOSITIONS}, got {composition!r}.")
+        if not mask_threshold > 0 or not mask_smoothing >= 0:
+            raise ValueError(
+                f"mask_threshold must be > 0 and mask_smoothing >= 0, got {mask_threshold}, {mask_smoothing}."
+            )
+        if delta is None and drift_schedule is not None:
+            LatentDrift(0.0, drift_schedule)  # an unknown schedule fails here, before any compute
+        self.scheduler, self.num_inference_steps, self.strength = scheduler, num_inference_steps, strength
+        self.guidance_scale, self.null_condition = guidance_scale, null_condition
+        self.delta, self.drift_schedule = delta, drift_schedule
+        self.override = LatentDrift(delta, drift_schedule or "paper") if delta is not None else None
+        self.composition, self.auto_mask = composition, as_flag(auto_mask, "auto_mask")
+        self.mask_threshold, self.mask_smoothing = float(mask_threshold), float(mask_smoothing)
+        self.num_samples, self.sample_jitter, self.seed = num_samples, sample_jitter, seed
+        self.fixed_point_iterations, self.precision = fixed_point_iterations, precision
+        self.progress, self.paired = as_flag(progress, "progress"), as_flag(paired, "paired")
+        self.compile, self._compiled = as_flag(compile, "compile"), {}
+
+    def resolve_drift(self, network: LatentDriftModel) -> LatentDrift:
+        """The drift this inferer runs `network` at: `delta` if given, else the weights' δ; likewise the schedule."""
+        if self.override is not None:
+            return self.override
+        if self.drift_schedule is None or self.drift_schedule == network.drift.schedule:
+            return network.drift
+        return LatentDrift(network.drift.delta.tolist(), self.drift_schedule)
+
+    def describe_drift(self, network: LatentDriftModel) -> dict[str, Any]:
+        """What the record says about the drift actually used, and where it came from."""
+        drift = self.resolve_drift(network)
+        delta = drift.values
+        origin = "inference_delta" if self.override is not None else ("weights" if _has_metadata(network) else "config")
+        return {"delta": delta, "schedule": drift.schedule, "delta_from": origin}
+
+    @property
+    def runs_reference(self) -> bool:
+        return self.composition == "reference" or self.auto_mask
+
+    def timesteps(self) -> torch.Tensor:
+        grid = set_inference_timesteps(self.scheduler, self.num_inference_steps)
+        return grid[len(grid) - max(1, round(self.strength * len(grid))) :]
+
+    @torch.inference_mode()
+    def counterfactual(
+        self,
+        inputs: torch.Tensor,
+        network: LatentDriftModel,
+        source_condition: torch.Tensor,
+        target_condition: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """
+        On the network grid: {"counterfactual": D(z_cf) (mean over samples), "change": D(z_cf) - base (mean),
+        "edit_mask": the automatic mask (ones without `auto_mask`), "std": per-voxel std of D(z_cf) over samples
+        (zeros for n = 1), "reconstruction": D(E(x)), "reconstruction_error": mean |D(E(x)) - x| per image,
+        "latent": z_0}.
+        """
+        drift = self.resolve_drift(network)
+        with precision_context(inputs.device, self.precision):
+            z0 = network.encode(inputs).float()
+            reconstruction = network.decode(z0).float()
+        denoiser = self._denoiser(network)
+        starts, timesteps, conditions, null = self._abduction(denoiser, z0, source_condition, target_condition, drift)
+        counterfactuals, references = [], []
+        for start in starts:
+            latent = torch.cat([start, start]) if self.runs_reference else start
+            if self.paired:  # the chain starts from noise; the source latent is the extra input at every step
+                sources = torch.cat([source_condition, source_condition]) if self.runs_reference else source_condition
+                latent = sample_paired(
+                    denoiser, self.scheduler, torch.cat([z0, z0]) if self.runs_reference else z0, sources,
+                    conditions, self.num_inference_steps, guidance_scale=self.guidance_scale,
+                    null_condition=self.null_condition, drift=drift, noise=latent, precision=self.precision,
+                    progress=self.progress,
+                )  # fmt: skip
+            else:
+                latent = denoise_latents(
+                    denoiser, self.scheduler, latent, conditions, timesteps, drift=drift,
+                    guidance_scale=self.guidance_scale, null_condition=null, precision=self.precision,
+                    progress=self.progress,
+                )  # fmt: skip
+            with precision_context(inputs.device, self.precision):
+                images = network.decode(latent).float()
+            counterfactuals.append(images[: len(inputs)])
+            references.append(images[len(inputs) :] if self.runs_reference else None)
+        return self._result(inputs, counterfactuals, references, reconstruction, z0)
+
+    def _denoiser(self, network: LatentDriftModel) -> Any:
+        """The network the sampling helpers see (they use only `.denoiser`): compiled once if `compile`."""
+        if not self.compile:
+            return network
+        key = id(network.denoiser)
+        if key not in self._compiled:
+            self._compiled = {key: torch.compile(network.denoiser)}
+        return SimpleNamespace(denoiser=self._compiled[key])
+
+    def _abduction(self, denoiser, z0, source_condition, target_condition, drift):
+        """
+        Start latents (paired: the noise ε; otherwise the inverted latent, jittered per sample), timesteps, the
+        conditions of the chains (target, then source for the reference chain; paired: their target halves) and null.
+        """
+        generator = torch.Generator().manual_seed(self.seed)
+        if self.paired:
+            starts = [torch.randn(z0.shape, generator=generator).to(z0) for _ in range(self.num_samples)]
+            timesteps, null = None, None
+        else:
+            timesteps, null = self.timesteps(), self.null_condition
+            inverted = invert_latents(
+                denoiser, self.scheduler, z0, source_condition, timesteps, drift=drift,
+                fixed_point_iterations=self.fixed_point_iterations, precision=self.precision, progress=self.progress,
+            )  # fmt: skip
+            starts = [inverted]
+            if self.num_samples > 1:
+                jitter = self.sample_jitter
+                noises = [torch.randn(z0.shape, generator=generator).to(z0) for _ in range(self.num_samples)]
+                starts = [(1 - jitter**2) ** 0.5 * inverted + jitter * noise for noise in noises]
+        conditions = torch.cat([target_condition, source_condition]) if self.runs_reference else target_condition
+        return starts, timesteps, conditions, null
+
+    def _result(self, inputs, counterfactuals, references, reconstruction, z0) -> dict[str, torch.Tensor]:
+        stacked = torch.stack(counterfactuals)
+        std = stacked.std(0) if self.num_samples > 1 else torch.zeros_like(stacked[0])
+        if self.composition == "reference":
+            change = (stacked - torch.stack(references)).mean(0)
+        elif self.composition == "reconstruction":
+            change = stacked.mean(0) - reconstruction
+        else:
+            change = stacked.mean(0) - inputs.float()
+        mask = torch.ones_like(change)
+        if self.auto_mask:
+            reference_change = (torch.stack(references).mean(0) - reconstruction).abs()
+            mask = edit_mask((stacked - torch.stack(references)).mean(0), reference_change, self.mask_threshold,
+                             self.mask_smoothing)  # fmt: skip
+        error = (reconstruction - inputs.float()).abs().flatten(1).mean(1)
+        return {"counterfactual": stacked.mean(0), "change": change, "edit_mask": mask, "std": std,
+                "reconstruction": reconstruction, "reconstruction_error": error, "latent": z0}  # fmt: skip
+
+    def __call__(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        network: LatentDriftModel,
+        source_condition: torch.Tensor,
+        target_condition: torch.Tensor,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        """The batch's counterfactual, change, edit_mask, std and reconstruction_error (see `counterfactual`)."""
+        result = self.counterfactual(inputs, network, source_condition, target_condition)
+        return {key: result[key] for key in ("counterfactual", "change", "edit_mask", "std", "reconstruction_error")}
+
+
+def edit_mask(
+    change: torch.Tensor, reference_change: torch.Tensor, threshold: float = 2.0, smoothing: float = 1.0
+) -> torch.Tensor:
+    """
+    Where the counterfactual's change is significant: a soft mask in [0, 1] per image (B, C, *spatial).
+
+    The change's magnitude (smoothed with a Gaussian of sigma `smoothing` voxels) is compared with the reference
+    chain's own change |D(z_ref) - D(E(x))| (what inversion and resampling alter without any covariate change),
+    taken at its 90th percentile over the image (the level most of the chain's own noise stays under): 1 at and
+    above `threshold` times it, 0 below half of it, a smooth ramp between; the mask is smoothed
+    again for a soft edge, and values under 1% are set to exactly 0, so the output there is the input itself.
+    """
+    spatial_dims = change.ndim - 2
+    magnitude, noise = change.abs(), reference_change
+    if smoothing > 0:
+        blur = GaussianFilter(spatial_dims, smoothing).to(change.device)
+        magnitude, noise = blur(magnitude), blur(noise)
+    scale = torch.quantile(noise.flatten(1).float(), NOISE_QUANTILE, dim=1).clamp_min(1e-4)
+    scale = scale.reshape(-1, *([1] * (change.ndim - 1)))
+    ratio = (magnitude / (threshold * scale) - 0.5) / 0.5
+    mask = ratio.clamp(0, 1)
+    mask = mask * mask * (3 - 2 * mask)  # smoothstep
+    if smoothing > 0:
+        mask = blur(mask)
+    return torch.where(mask < 0.01, torch.zeros_like(mask), mask.clamp(0, 1))
+
+
+def compose(
+    image: torch.Tensor, counterfactual: torch.Tensor, change: torch.Tensor, mask: torch.Tensor | None, composition: str
+) -> torch.Tensor:
+    """
+    The counterfactual the user gets: the input plus the model's change inside the mask (input, voxel for voxel,
+    where the mask is 0); composition "none" without a mask returns the raw decode `counterfactual`.
+    """
+    if composition not in COMPOSITIONS:
+        raise ValueError(f"composition must be one of {COMPOSITIONS}, got {composition!r}.")
+    if composition == "none":
+        if mask is None:
+            return counterfactual
+        change = counterfactual - image
+    if mask is None:
+        return image + change
+    return torch.where(mask > 0, image + mask * change, image)
+
+
+def _has_metadata(network: Any) -> bool:
+    info = getattr(network, "weights_info", None)
+    return bool(info and info.get("metadata") and "drift" in info["metadata"])

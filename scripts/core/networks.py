@@ -1,0 +1,160 @@
+"""The network component: autoencoder + covariate-conditioned diffusion UNet + Latent Drift in one module."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from torch import nn
+
+from scripts.core.drift import LatentDrift
+
+FINETUNE_SCHEMES = ("full", "cross_attention", "embedding")
+
+
+class CovariateTokens(nn.Module):
+    """
+    Embeds a covariate vector c (B, 1, size) as `size` context tokens (B, size, dim): token_i = c_i w_i + b_i.
+
+    One token per vector entry (rather than one token for the whole vector) lets cross-attention weigh covariates
+    against each other and position by position, so its query and key projections learn too.
+    """
+
+    def __init__(self, condition_size: int, context_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(condition_size, context_dim) * context_dim**-0.5)
+        self.bias = nn.Parameter(torch.randn(condition_size, context_dim) * context_dim**-0.5)
+
+    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+        values = condition.reshape(condition.shape[0], -1, 1)
+        if values.shape[1] != self.weight.shape[0]:
+            raise ValueError(f"condition has {values.shape[1]} values, the model expects {self.weight.shape[0]}.")
+        return values * self.weight + self.bias
+
+
+class ConditionedUNet(nn.Module):
+    """
+    The denoiser ε_θ(z_t, t, c): covariate tokens (`CovariateTokens`) are the UNet's cross-attention context.
+
+    Args:
+        unet: a MONAI DiffusionModelUNet built `with_conditioning=True`.
+        condition_size: length of the covariate vector (`CovariateEncoder.size`).
+        context_dim: the UNet's `cross_attention_dim`.
+    """
+
+    def __init__(self, unet: DiffusionModelUNet, condition_size: int, context_dim: int) -> None:
+        super().__init__()
+        if not unet.with_conditioning:
+            raise ValueError("the diffusion UNet must be built with with_conditioning=True and a cross_attention_dim.")
+        self.unet = unet
+        self.embedding = CovariateTokens(condition_size, context_dim)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, timesteps=timesteps, context=self.embedding(condition))
+
+
+class LatentDriftModel(nn.Module):
+    """
+    One module holding the whole generative model, saved as `models/model.pt` with strict keys.
+
+    `encode` / `decode` map images to the scaled diffusion latent and back: encoding takes the posterior mean, so it
+    is deterministic (inversion needs that); the scale factor is measured on training data before stage 2 and saved
+    with the weights. `forward(image)` returns an image so MONAI tools can call it.
+
+    Args:
+        autoencoder: the stage-1 MONAI AutoencoderKL.
+        denoiser: the stage-2 ConditionedUNet.
+        drift: the Latent Drift component (its δ is a run setting, not part of the saved weights).
+    """
+
+    def __init__(self, autoencoder: AutoencoderKL, denoiser: ConditionedUNet, drift: LatentDrift | None = None):
+        super().__init__()
+        self.autoencoder, self.denoiser = autoencoder, denoiser
+        self.drift = drift if drift is not None else LatentDrift(0.0)
+        self.register_buffer("scale_factor", torch.tensor(1.0))
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.encode(image)[0] * self.scale_factor
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.decode_stage_2_outputs(latent / self.scale_factor)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """The image as the model represents it: encoded to the diffusion latent and decoded back."""
+        return self.decode(self.encode(image))
+
+
+def select_trainable(denoiser: ConditionedUNet, scheme: str = "full") -> list[nn.Parameter]:
+    """
+    Freeze the denoiser except what the fine-tuning scheme trains, and return those parameters for the optimizer.
+
+    "full": the whole UNet and the covariate embedding (basic fine-tuning);
+    "cross_attention": only the key/value projections of the cross-attention layers (Custom Diffusion);
+    "embedding": only the covariate embedding, the UNet frozen (Textual Inversion).
+    """
+    if scheme not in FINETUNE_SCHEMES:
+        raise ValueError(f"finetune_scheme must be one of {FINETUNE_SCHEMES}, got {scheme!r}.")
+    chosen = []
+    for name, parameter in denoiser.named_parameters():
+        if scheme == "full":
+            trainable = True
+        elif scheme == "cross_attention":
+            trainable = ".attn2.to_k." in name or ".attn2.to_v." in name
+        else:
+            trainable = name.startswith("embedding.")
+        parameter.requires_grad_(trainable)
+        if trainable:
+            chosen.append(parameter)
+    if not chosen:
+        raise ValueError(f"finetune_scheme {scheme!r} selects no parameter: the UNet has no cross-attention layer.")
+    return chosen
+
+
+@torch.no_grad()
+def latent_scale_factor(
+    autoencoder: AutoencoderKL,
+    batches: Iterable,
+    image_key: str = "image",
+    max_batches: int = 4,
+    latent_key: str | None = None,
+) -> float:
+    """
+    1 / std of the autoencoder's latents (posterior means) over a few training batches (Rombach et al. 2022): the
+    latents the batches cached under `latent_key` (unscaled, `EncodeLatentd`), else `image_key` encoded here.
+    """
+    was_training = autoencoder.training
+    autoencoder.eval()
+    device = next(autoencoder.parameters()).device
+    latents = []
+    for index, batch in enumerate(batches):
+        if index >= max_batches:
+            break
+        if latent_key is not None:
+            latents.append(torch.as_tensor(batch[latent_key]).flatten().float().cpu())
+        else:
+            latents.append(autoencoder.encode(batch[image_key].to(device))[0].flatten().float().cpu())
+    autoencoder.train(was_training)
+    if not latents:
+        raise ValueError("cannot compute the latent scale factor: the training data loader yielded no batch.")
+    std = torch.cat(latents).std()
+    if not torch.isfinite(std) or std <= 0:
+        raise ValueError(f"cannot compute the latent scale factor: latent std is {std.item()}; check stage 1.")
+    return float(1.0 / std)
+
+
+def check_image_size(image_size: Sequence[int], autoencoder_channels: Sequence[int], unet_channels: Sequence[int]):
+    """
+    The network image size must divide into the autoencoder's downsamplings and then the UNet's: each side a
+    multiple of 2 ** (levels - 1) of both. Raises a ValueError naming `image_size` (checked before any compute).
+    """
+    factor = 2 ** (len(autoencoder_channels) - 1) * 2 ** (len(unet_channels) - 1)
+    bad = [int(size) for size in image_size if int(size) < factor or int(size) % factor]
+    if bad:
+        raise ValueError(
+            f"image_size {list(image_size)}: every side must be a positive multiple of {factor} (the autoencoder "
+            f"halves it {len(autoencoder_channels) - 1} times and the UNet {len(unet_channels) - 1} more); "
+            f"{bad} are not. Inputs of any size are brought to image_size by the preprocessing; choose e.g. "
+            f"{[max(factor, round(int(s) / factor) * factor) for s in image_size]}."
+        )
+    return list(image_size)

@@ -1,0 +1,192 @@
+"""Every composition x mask threshold from one run of the chains, scored side by side, with the recommendation rule
+fixed beforehand.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from scripts.core.covariates import CovariateEncoder
+from scripts.core.inferers import CounterfactualInferer, compose, edit_mask
+from scripts.evaluation import evaluators as E
+from scripts.evaluation.evaluate import (
+    apply_intervention,
+    check_cohort,
+    intervention_tag,
+    load_truth,
+    requested_changes,
+    run_counterfactuals,
+)
+from scripts.evaluation.metrics import UNCHANGED_TOLERANCE, effectiveness_scores, oracle_scores
+from scripts.evaluation.report import compositions_markdown
+from scripts.io.datalist import load_datalist
+from scripts.io.files import staged_folder
+
+COMPOSITION_VARIANTS = (
+    ("none", False), ("reconstruction", False), ("reference", False), ("reconstruction", True), ("reference", True),
+)  # fmt: skip
+
+
+def score_compositions(
+    inferer: CounterfactualInferer,
+    network: Any,
+    images: torch.Tensor,
+    source: torch.Tensor,
+    target: torch.Tensor,
+    truth: torch.Tensor,
+    batch_size: int = 8,
+    mask_thresholds: Sequence[float] = (),
+    outputs: dict[str, torch.Tensor] | None = None,
+) -> dict[str, dict[str, float]]:
+    """
+    Every composition (none / reconstruction / reference, each without and with the automatic mask, the mask at
+    the inferer's threshold and at each of `mask_thresholds`) from one run of the chains, against the oracle:
+    MAE to the truth, gain over doing nothing 1 - MAE(cf, truth) / MAE(x, truth), MAE to the input where the
+    oracle changes nothing, the share of the true change reached where it changes (sum of (cf - x) sign(x* - x)
+    over sum of |x* - x|), and the mask's Dice with the oracle's change region.
+    """
+    chains = copy.copy(inferer)
+    chains.composition, chains.auto_mask = "reference", True
+    parts = run_counterfactuals(chains, network, images, source, target, batch_size, parts=True)
+    references = parts["counterfactual"] - parts["change"]
+    reference_change = (references - parts["reconstruction"]).abs()
+    masks = {inferer.mask_threshold: parts["edit_mask"]}
+    for threshold in mask_thresholds:
+        masks[float(threshold)] = edit_mask(parts["change"], reference_change, threshold, inferer.mask_smoothing)
+    changed = (truth - images).abs() > UNCHANGED_TOLERANCE
+    table = {}
+    for composition, masked in COMPOSITION_VARIANTS:
+        for threshold, mask in sorted(masks.items()) if masked else [(None, None)]:
+            change = {"none": parts["counterfactual"] - images, "reconstruction": parts["counterfactual"] -
+                      parts["reconstruction"], "reference": parts["change"]}[composition]  # fmt: skip
+            output = compose(images, parts["counterfactual"], change, mask, composition).clamp(0, 1)
+            name = composition + ("" if threshold is None else f"+mask@{threshold:g}")
+            table[name] = oracle_scores(output, images, truth, changed, mask)
+            if outputs is not None:
+                outputs[name] = output
+    return table
+
+
+def _directions(encoder: CovariateEncoder, records: Sequence[Mapping], targets: Sequence[Mapping]) -> dict:
+    """Record indices per direction of change ("effusion 0->1"), when the records move more than one way."""
+    groups: dict[str, list[int]] = {}
+    for index, (record, target) in enumerate(zip(records, targets)):
+        moves = [f"{k} {record[k]}->{v}" for k, v in requested_changes(encoder, record, target).items()
+                 if encoder.schema[k]["type"] != "continuous"]  # fmt: skip
+        if moves:
+            groups.setdefault(", ".join(moves), []).append(index)
+    return groups if len(groups) > 1 else {}
+
+
+def _subset_scores(outputs: Mapping[str, torch.Tensor], images, truth, indices) -> dict[str, dict[str, float]]:
+    chosen = torch.as_tensor(indices)
+    changed = (truth[chosen] - images[chosen]).abs() > UNCHANGED_TOLERANCE
+    return {name: {**oracle_scores(output[chosen], images[chosen], truth[chosen], changed, None),
+                   "num_scans": len(indices)} for name, output in outputs.items()}  # fmt: skip
+
+
+def compare_compositions(
+    network: Any,
+    inferer: CounterfactualInferer,
+    encoder: CovariateEncoder,
+    transform: Callable[[dict], dict],
+    datalist: str,
+    datalist_key: str,
+    cohort_dir: str,
+    interventions: Sequence[Mapping[str, Any]],
+    image_size: Sequence[int],
+    output_dir: str,
+    num_records: int = 16,
+    batch_size: int = 8,
+    mask_thresholds: Sequence[float] = (1.0, 2.0, 3.0, 4.0, 6.0),
+    min_share_kept: float = 0.9,
+    evaluator_dir: str | None = None,
+    predictor_channels: Sequence[int] = (),
+    segmenter_channels: Sequence[int] = (),
+    spatial_dims: int = 3,
+) -> dict[str, Any]:
+    """
+    The composition table of `score_compositions` for each intervention over `datalist[datalist_key]`, and the
+    recommended setting: the highest mean gain over doing nothing among the variants that keep at least
+    `min_share_kept` of the share of the true change that the raw decode ("none") reaches. Run it on a validation
+    split to choose `composition` / `mask_threshold`, then score held-out scans with the chosen values.
+    An intervention that moves a covariate both ways over the records (a "flip": adding and removing a finding) is
+    also scored per direction. With trained evaluators in `evaluator_dir`, each variant's effectiveness is added
+    (how often the covariate predictor reads the asked value; for age, its absolute error).
+    Writes compositions.json and compositions.md into `output_dir` (all or nothing).
+    """
+    started = time.perf_counter()
+    records = load_datalist(datalist, datalist_key)[:num_records]
+    if len(records) < 2:
+        raise ValueError(f"{datalist}: '{datalist_key}' has {len(records)} record(s); the comparison needs 2 or more.")
+    check_cohort(cohort_dir, records, datalist)
+    images = E.load_cohort_split(datalist, datalist_key, encoder, transform, image_size, False, num_records)["images"]
+    predictor = None
+    if evaluator_dir and (Path(evaluator_dir) / "predictor.pt").is_file():
+        predictor = E.load_evaluators(evaluator_dir, encoder, spatial_dims, predictor_channels, segmenter_channels)[0]
+    source = torch.stack([encoder.encode(r).reshape(1, -1) for r in records]).float()
+    with staged_folder(output_dir, prefix=".compositions.") as staged:
+        tables = {}
+        for spec in interventions:
+            targets = [apply_intervention(encoder, r, spec) for r in records]
+            truth = torch.stack(
+                [
+                    load_truth(
+                        cohort_dir, r, requested_changes(encoder, r, t), transform, staged / "truth", image_size
+                    )[0]
+                    for r, t in zip(records, targets)
+                ]
+            )
+            target = torch.stack([encoder.encode(t).reshape(1, -1) for t in targets]).float()
+            outputs: dict[str, torch.Tensor] = {}
+            table = score_compositions(
+                inferer, network, images, source, target, truth, batch_size, mask_thresholds, outputs
+            )
+            if predictor is not None:
+                changed = sorted({k for r, t in zip(records, targets) for k in requested_changes(encoder, r, t)})
+                for name, output in outputs.items():
+                    rows = E.decode_predictions(encoder, E.predict(predictor, output))
+                    table[name]["effectiveness"] = {
+                        k: v["counterfactual"]
+                        for k, v in effectiveness_scores(encoder, {"counterfactual": rows}, targets, changed).items()
+                    }
+            tables[intervention_tag(spec)] = table
+            for direction, chosen in _directions(encoder, records, targets).items():
+                tables[f"{intervention_tag(spec)} [{direction}]"] = _subset_scores(outputs, images, truth, chosen)
+            scores = tables[intervention_tag(spec)]
+            summary = [
+                f"{k} {v['gain_over_doing_nothing']:+.3f}/{v['share_of_true_change']:.3f}" for k, v in scores.items()
+            ]
+            print(f"{intervention_tag(spec)} (gain/share): " + ", ".join(summary))
+        whole = {tag: table for tag, table in tables.items() if not tag.endswith("]")}
+        report = {"interventions": tables, "recommended": _recommended(whole, min_share_kept),
+                  "settings": {"datalist": str(datalist), "datalist_key": datalist_key, "num_records": len(records),
+                               "unchanged_tolerance": UNCHANGED_TOLERANCE, "min_share_kept": min_share_kept,
+                               "strength": inferer.strength, "guidance_scale": inferer.guidance_scale,
+                               "num_inference_steps": inferer.num_inference_steps,
+                               "mask_smoothing": inferer.mask_smoothing},
+                  "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+        shutil.rmtree(staged / "truth", ignore_errors=True)
+        (staged / "compositions.json").write_text(json.dumps(report, indent=4) + "\n")
+        (staged / "compositions.md").write_text(compositions_markdown(report))
+    return report
+
+
+def _recommended(tables: Mapping[str, Mapping[str, Mapping[str, float]]], min_share_kept: float) -> dict[str, Any]:
+    names = list(next(iter(tables.values())))
+    first = next(iter(tables.values()))
+    mean = {n: {k: float(np.mean([t[n][k] for t in tables.values()])) for k, v in first[n].items()
+                if isinstance(v, float)} for n in names}  # fmt: skip
+    floor = min_share_kept * mean["none"]["share_of_true_change"]
+    eligible = [n for n in names if mean[n]["share_of_true_change"] >= floor] or ["none"]
+    best = max(eligible, key=lambda n: mean[n]["gain_over_doing_nothing"])
+    return {"variant": best, "mean_over_interventions": mean[best], "share_floor": floor, "eligible": eligible}

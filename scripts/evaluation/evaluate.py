@@ -1,0 +1,306 @@
+"""The evaluation workflow (configs/evaluate.json): counterfactuals of a synthetic cohort scored against the truth.
+
+For each held-out cohort scan x with covariates s and each configured intervention (target t), the bundle's
+`CounterfactualInferer` gives cf = CF(x; s -> t), the generator's oracle gives the exact counterfactual x* (same
+exogenous factors U, covariates t), and the evaluators trained on the cohort (`scripts.evaluation.evaluators`) read both.
+Scores (docs/evaluation.md; Monteiro et al., ICLR 2023 for the axioms):
+
+- oracle: MAE, PSNR, SSIM, MS-SSIM of cf against x* (and, as the do-nothing baseline, of x against x*); volume
+  errors of cf's segmented ventricles / hippocampus / brain (chest: cardiothoracic ratio, effusion fraction) against
+  x*'s exact label map, with the segmenter's own error on x* as the floor;
+- effectiveness: the anti-causal predictor's accuracy (or age error) on cf for the intervened covariates, next to
+  the same on x* (ceiling) and on x (floor);
+- minimality: agreement of the predictor on cf and x for the covariates left alone, and the MAE of cf to x where
+  the oracle says nothing changes (|x* - x| <= tolerance), next to the autoencoder's reconstruction error there;
+- composition: CF(x; s -> s) against x (the null intervention must give x back), next to the autoencoder floor;
+- reversibility: CF(CF(x; s -> t); t -> s) against x;
+- realism: FID and KID of the predictor's features of the counterfactuals against real reference images (and of
+  x*, the truth, as the floor);
+- utility (the paper's AUC): a fresh predictor trained on images *sampled* by the model under the training
+  records' covariates, tested on the real held-out scans, next to the same predictor trained on as many real scans.
+
+Outputs (all-or-nothing in `output_dir`): `evaluation.json` (every number + settings), `evaluation.md` (the
+tables), `evaluation_montage.png` (input | counterfactual | truth | cf - x | x* - x per scan) and
+`evaluation_oracle.png` (image error to the truth: input vs counterfactual vs reconstruction, per intervention).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import LoadImage
+
+from scripts.cohort import generate
+from scripts.core.covariates import CovariateEncoder
+from scripts.core.inferers import CounterfactualInferer, compose, precision_context
+from scripts.evaluation import evaluators as E
+from scripts.evaluation.metrics import (
+    UNCHANGED_TOLERANCE,
+    effectiveness_scores,
+    fid,
+    kid,
+    minimality_scores,
+    similarity,
+    utility_scores,
+    volume_scores,
+)
+from scripts.evaluation.report import bar_plot, markdown_report, write_montage
+from scripts.io.datalist import load_datalist
+from scripts.io.files import staged_folder
+
+# ----------------------------------------------------------------------------------------------------------------
+# Interventions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def apply_intervention(encoder: CovariateEncoder, source: Mapping[str, Any], spec: Mapping[str, Any]) -> dict:
+    """The target covariates of `spec` applied to `source`.
+
+    Each value is a literal (``{"diagnosis": "AD"}``), ``"flip"`` (the other category of a binary covariate) or a
+    signed shift of a continuous one (``{"age": "+10"}``, clipped to the schema range).
+    """
+    if not isinstance(spec, Mapping) or not spec:
+        raise ValueError(f"interventions: each entry must be a non-empty dict of covariate -> change, got {spec!r}.")
+    target = dict(source)
+    for name, change in spec.items():
+        if name not in encoder.schema:
+            raise ValueError(f"interventions: unknown covariate {name!r}; the schema has {list(encoder.schema)}.")
+        kind = encoder.schema[name]
+        if change == "flip":
+            if kind["type"] != "binary":
+                raise ValueError(f"interventions: 'flip' needs a binary covariate, {name!r} is {kind['type']}.")
+            categories = kind["categories"]
+            first = E.same_value(kind, source[name], categories[0])
+            target[name] = categories[1] if first else categories[0]
+        elif isinstance(change, str) and change[:1] in "+-" and kind["type"] == "continuous":
+            try:
+                shift = float(change)
+            except ValueError:
+                raise ValueError(f"interventions: {name!r} shift {change!r} is not a number like '+10'.") from None
+            low, high = (float(v) for v in kind["range"])
+            target[name] = round(min(max(float(source[name]) + shift, low), high), 2)
+        else:
+            target[name] = change
+    encoder.encode(target, source=f"interventions {dict(spec)}")
+    return target
+
+
+def requested_changes(encoder: CovariateEncoder, source: Mapping, target: Mapping) -> dict[str, Any]:
+    return {k: target[k] for k in encoder.schema if not E.same_value(encoder.schema[k], source[k], target[k])}
+
+
+def intervention_tag(spec: Mapping[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in spec.items())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The workflow
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_truth(
+    cohort_dir: str, record: Mapping, changes: Mapping, transform: Callable, folder: Path, image_size
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The oracle's counterfactual image (through the bundle preprocessing) and label map, on the network grid."""
+    truth = generate.write_counterfactual_truth(
+        cohort_dir, str(record["subject"]), dict(changes), int(record.get("visit", 0)), output_dir=folder
+    )
+    covariates = {k: v for k, v in truth["counterfactual_covariates"].items() if k not in ("image", "label")}
+    image = torch.as_tensor(transform({**covariates, "image": truth["image"]})["image"]).float()
+    label = torch.as_tensor(np.asarray(LoadImage(image_only=True, ensure_channel_first=True)(truth["label"]))).long()
+    if tuple(label.shape[1:]) != tuple(image_size):
+        raise ValueError(f"oracle label of {record['subject']} has shape {tuple(label.shape[1:])}, not image_size.")
+    return image, label
+
+
+def check_cohort(cohort_dir: str, records: Sequence[Mapping], datalist: str) -> None:
+    for index, record in enumerate(records):
+        subject = record.get("subject")
+        if subject is None or not (Path(cohort_dir) / "exogenous" / f"{subject}.json").is_file():
+            raise FileNotFoundError(
+                f"{datalist}, record {index}: no exogenous factors for subject {subject!r} under '{cohort_dir}/"
+                "exogenous'; the evaluation needs a cohort written by configs/generate_cohort.json (set cohort_dir)."
+            )
+
+
+def run_counterfactuals(inferer, network, images, source, target, batch_size: int, parts: bool = False):
+    """
+    The inferer's counterfactuals of `images` on the network grid, composed as it is configured (`compose`);
+    with `parts`, the dict of every part of the chains (counterfactual, reference, change, edit_mask...) instead.
+    """
+    device = next(network.parameters()).device
+    out: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(images), batch_size):
+        chunk = slice(start, start + batch_size)
+        result = inferer.counterfactual(
+            images[chunk].to(device), network, source[chunk].to(device), target[chunk].to(device)
+        )
+        mask = result["edit_mask"] if inferer.auto_mask else None
+        result["composed"] = compose(images[chunk].to(device), result["counterfactual"], result["change"], mask,
+                                     inferer.composition)  # fmt: skip
+        for key, value in result.items():
+            out.setdefault(key, []).append(value.float().cpu())
+    joined = {key: torch.cat(values) for key, values in out.items()}
+    return joined if parts else joined["composed"].clamp(0, 1)
+
+
+@torch.inference_mode()
+def _reconstruct(network, images: torch.Tensor, batch_size: int, precision: str) -> torch.Tensor:
+    device = next(network.parameters()).device
+    out = []
+    for start in range(0, len(images), batch_size):
+        with precision_context(device, precision):
+            chunk = images[start : start + batch_size].to(device)
+            out.append(network.decode(network.encode(chunk).float()).float().clamp(0, 1).cpu())
+    return torch.cat(out)
+
+
+def evaluate(
+    network: Any,
+    inferer: CounterfactualInferer,
+    scheduler: Any,
+    encoder: CovariateEncoder,
+    transform: Callable[[dict], dict],
+    datalist: str,
+    datalist_key: str,
+    cohort_dir: str,
+    interventions: Sequence[Mapping[str, Any]],
+    evaluator_dir: str,
+    predictor_channels: Sequence[int],
+    segmenter_channels: Sequence[int],
+    image_size: Sequence[int],
+    spatial_dims: int,
+    output_dir: str,
+    spacing: Sequence[float] | float = 3.0,
+    num_records: int = 16,
+    num_reference: int = 200,
+    reference_datalist: str | None = None,
+    reference_key: str = "training",
+    batch_size: int = 8,
+    axioms: bool = True,
+    utility: Mapping[str, Any] | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score the model's counterfactuals of `datalist[datalist_key]` (first `num_records` scans); see the module."""
+    started = time.perf_counter()
+    if num_records < 2:
+        raise ValueError(f"num_records must be at least 2 (KID and the tables need several scans), got {num_records}.")
+    if not interventions:
+        raise ValueError("interventions is empty: give at least one, e.g. [{'age': '+10'}].")
+    records = load_datalist(datalist, datalist_key)[:num_records]
+    if len(records) < 2:
+        raise ValueError(f"{datalist}: '{datalist_key}' has {len(records)} record(s); the evaluation needs 2 or more.")
+    check_cohort(cohort_dir, records, datalist)
+    targets = {
+        intervention_tag(spec): [apply_intervention(encoder, r, spec) for r in records] for spec in interventions
+    }
+    predictor, segmenter, evaluator_report = E.load_evaluators(
+        evaluator_dir, encoder, spatial_dims, predictor_channels, segmenter_channels
+    )
+    held_out = E.load_cohort_split(datalist, datalist_key, encoder, transform, image_size, limit=num_records)
+    reference_datalist = reference_datalist or datalist
+    reference = E.load_cohort_split(
+        reference_datalist, reference_key, encoder, transform, image_size, False, num_reference
+    )
+    images = held_out["images"]
+    source_conditions = torch.stack([encoder.encode(r).reshape(1, -1) for r in records]).float()
+    recon = _reconstruct(network, images, batch_size, inferer.precision)
+    reference_features = E.features(predictor, reference["images"])
+    rows_input = E.decode_predictions(encoder, E.predict(predictor, images))
+    rows_recon = E.decode_predictions(encoder, E.predict(predictor, recon))
+
+    with staged_folder(output_dir, prefix=".evaluation.") as staged:
+        report: dict[str, Any] = {"interventions": {}, "settings": {}}
+        montage_rows, oracle_bars = [], []
+        if axioms:
+            null = run_counterfactuals(inferer, network, images, source_conditions, source_conditions, batch_size)
+            report["composition"] = {"counterfactual_vs_input": similarity(null, images),
+                                     "reconstruction_vs_input": similarity(recon, images)}  # fmt: skip
+        for spec in interventions:
+            tag = intervention_tag(spec)
+            target_records = targets[tag]
+            target_conditions = torch.stack([encoder.encode(t).reshape(1, -1) for t in target_records]).float()
+            truths = [
+                load_truth(cohort_dir, r, requested_changes(encoder, r, t), transform, staged / "truth", image_size)
+                for r, t in zip(records, target_records)
+            ]
+            truth_images = torch.stack([t[0] for t in truths])
+            truth_labels = torch.stack([t[1] for t in truths])
+            cf = run_counterfactuals(inferer, network, images, source_conditions, target_conditions, batch_size)
+            rows_cf = E.decode_predictions(encoder, E.predict(predictor, cf))
+            rows_truth = E.decode_predictions(encoder, E.predict(predictor, truth_images))
+            changed = sorted({k for r, t in zip(records, target_records) for k in requested_changes(encoder, r, t)})
+            kept = [k for k in encoder.schema if k not in spec]
+            cf_features, truth_features = E.features(predictor, cf), E.features(predictor, truth_images)
+            entry = {
+                "num_scans": len(records),
+                "changed_covariates": changed,
+                "oracle": {
+                    "counterfactual_vs_truth": similarity(cf, truth_images),
+                    "input_vs_truth": similarity(images, truth_images),
+                    "reconstruction_vs_truth": similarity(recon, truth_images),
+                },
+                "volumes": volume_scores(segmenter, spatial_dims, spacing, cf, truth_images, truth_labels, images),
+                "effectiveness": effectiveness_scores(
+                    encoder,
+                    {"counterfactual": rows_cf, "truth": rows_truth, "input": rows_input, "reconstruction": rows_recon},
+                    target_records,
+                    changed,
+                ),
+                "minimality": minimality_scores(
+                    encoder, rows_cf, rows_recon, rows_input, kept, cf, images, truth_images, recon
+                ),
+                "realism": {
+                    "counterfactual": {"fid": fid(reference_features, cf_features),
+                                       "kid": kid(reference_features, cf_features)[0]},
+                    "truth": {"fid": fid(reference_features, truth_features),
+                              "kid": kid(reference_features, truth_features)[0]},
+                },  # fmt: skip
+            }
+            if axioms:
+                back = run_counterfactuals(inferer, network, cf, target_conditions, source_conditions, batch_size)
+                entry["reversibility"] = {"counterfactual_vs_input": similarity(back, images)}
+            report["interventions"][tag] = entry
+            montage_rows.append((tag, images[0], cf[0], truth_images[0]))
+            oracle_bars.append((tag, entry["oracle"]))
+            print(f"{tag}: MAE to truth {entry['oracle']['counterfactual_vs_truth']['mae']:.4f} "
+                  f"(input {entry['oracle']['input_vs_truth']['mae']:.4f})")  # fmt: skip
+        input_features = E.features(predictor, images)
+        report["realism_of_inputs"] = {"fid": fid(reference_features, input_features),
+                                       "kid": kid(reference_features, input_features)[0]}  # fmt: skip
+        if utility and int(utility.get("num_samples", 0)) > 0:
+            train_records = load_datalist(datalist, "training")[: int(utility["num_samples"])]
+            real_train = E.load_cohort_split(datalist, "training", encoder, transform, image_size, False,
+                                             int(utility["num_samples"]))["images"]  # fmt: skip
+            utility_settings = {"drift": inferer.resolve_drift(network), "precision": inferer.precision, **utility}
+            report["utility"], synthetic = utility_scores(
+                network, scheduler, encoder, predictor_channels, spatial_dims, train_records, held_out, real_train,
+                utility_settings,
+            )  # fmt: skip
+            report["utility"]["realism_of_samples"] = {
+                "fid": fid(reference_features, E.features(predictor, synthetic)),
+                "kid": kid(reference_features, E.features(predictor, synthetic))[0],
+            }
+        report["evaluators"] = {"dir": str(evaluator_dir), "held_out": {
+            "predictor": evaluator_report["predictor"]["held_out"],
+            "segmenter": evaluator_report["segmenter"]["held_out"]}}  # fmt: skip
+        report["settings"] = {
+            "datalist": str(datalist), "datalist_key": datalist_key, "cohort_dir": str(cohort_dir),
+            "num_records": len(records), "num_reference": len(reference["records"]),
+            "reference_datalist": str(reference_datalist), "reference_key": reference_key, "axioms": bool(axioms),
+            "unchanged_tolerance": UNCHANGED_TOLERANCE, **dict(settings or {}),
+        }  # fmt: skip
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        shutil.rmtree(staged / "truth", ignore_errors=True)
+        (staged / "evaluation.json").write_text(json.dumps(report, indent=4) + "\n")
+        (staged / "evaluation.md").write_text(markdown_report(report))
+        write_montage(staged / "evaluation_montage.png", montage_rows)
+        bar_plot(oracle_bars).save(staged / "evaluation_oracle.png")
+    return report

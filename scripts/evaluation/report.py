@@ -1,0 +1,145 @@
+"""Evaluation reports: markdown tables, the montage and the bar plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from scripts.io.pictures import diverging, mid_slices
+
+# ----------------------------------------------------------------------------------------------------------------
+# Human views
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.4g}"
+    return str(value)
+
+
+def markdown_report(report: Mapping[str, Any]) -> str:
+    """The evaluation's tables in markdown."""
+    lines = ["# Counterfactual evaluation", ""]
+    s = report["settings"]
+    lines += [f"{s['num_records']} scans of `{s['datalist']}` ['{s['datalist_key']}'], {report['seconds']} s.", ""]
+    lines += ["## Against the oracle (image similarity to the true counterfactual)", "",
+              "| intervention | compared | MAE | PSNR | SSIM | MS-SSIM |",
+              "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for tag, entry in report["interventions"].items():
+        for name, values in entry["oracle"].items():
+            lines.append(
+                f"| {tag} | {name} | " + " | ".join(_fmt(values[k]) for k in ("mae", "psnr", "ssim", "ms_ssim")) + " |"
+            )
+    lines += ["", "## Volumes (segmenter on the image vs the truth's exact label map)", "",
+              "| intervention | quantity | true change | cf change | cf error | input error | "
+              "segmenter error on truth |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for tag, entry in report["interventions"].items():
+        for key, v in entry["volumes"].items():
+            lines.append(f"| {tag} | {key} | {_fmt(v['true_change'])} | {_fmt(v['counterfactual_change'])} | "
+                         f"{_fmt(v['counterfactual_abs_error'])} | {_fmt(v['input_abs_error'])} | "
+                         f"{_fmt(v['truth_image_abs_error'])} |")  # fmt: skip
+    lines += ["", "## Effectiveness (anti-causal predictor on counterfactual / truth / input)", "",
+              "| intervention | score | counterfactual | truth | input | reconstruction |",
+              "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for tag, entry in report["interventions"].items():
+        for key, v in entry["effectiveness"].items():
+            values = " | ".join(_fmt(v[k]) for k in ("counterfactual", "truth", "input", "reconstruction"))
+            lines.append(f"| {tag} | {key} | {values} |")
+    lines += [
+        "",
+        "## Minimality, reversibility, realism",
+        "",
+        "| intervention | score | value |",
+        "| --- | --- | --- |",
+    ]
+    for tag, entry in report["interventions"].items():
+        for key, value in entry["minimality"].items():
+            lines.append(f"| {tag} | minimality: {key} | {_fmt(value)} |")
+        for key, value in entry.get("reversibility", {}).get("counterfactual_vs_input", {}).items():
+            lines.append(f"| {tag} | reversibility: {key} | {_fmt(value)} |")
+        for who, values in entry["realism"].items():
+            lines.append(f"| {tag} | realism of {who}: FID / KID | {_fmt(values['fid'])} / {_fmt(values['kid'])} |")
+    r = report["realism_of_inputs"]
+    lines.append(f"| (all) | realism of the real inputs: FID / KID | {_fmt(r['fid'])} / {_fmt(r['kid'])} |")
+    if "composition" in report:
+        for name, values in report["composition"].items():
+            lines.append(
+                f"| (null intervention) | composition: {name} MAE / SSIM | "
+                f"{_fmt(values['mae'])} / {_fmt(values['ssim'])} |"
+            )
+    if "utility" in report:
+        u = report["utility"]
+        lines += ["", f"## Utility ({u['num_training_images']} training images, scored on the real scans above)", "",
+                  "| trained on | " + " | ".join(u["trained_on_real"]) + " |",
+                  "| --- | " + " | ".join("---" for _ in u["trained_on_real"]) + " |"]  # fmt: skip
+        for name in ("trained_on_synthetic", "trained_on_real"):
+            lines.append(
+                f"| {name} | " + " | ".join(_fmt(u[name].get(k, float("nan"))) for k in u["trained_on_real"]) + " |"
+            )
+    lines += ["", "Evaluators (held-out subjects): " + json.dumps(report["evaluators"]["held_out"]["predictor"]), ""]
+    return "\n".join(lines)
+
+
+def compositions_markdown(report: Mapping[str, Any]) -> str:
+    """The composition table as markdown: one row per variant and intervention."""
+    lines = ["# Compositions against the oracle", "",
+             f"{report['settings']['num_records']} scans of `{report['settings']['datalist_key']}`; "
+             f"recommended: **{report['recommended']['variant']}** (highest mean gain over doing nothing among the "
+             f"variants keeping >= {report['settings']['min_share_kept']:g}x the raw decode's share of the true "
+             "change).", "",
+             "| intervention | variant | MAE to truth | gain over doing nothing | MAE where unchanged | share of true "
+             "change | mask Dice | mask fraction | effectiveness |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for tag, table in report["interventions"].items():
+        for name, v in table.items():
+            lines.append(f"| {tag} | {name} | {v['mae_to_truth']:.4f} | {v['gain_over_doing_nothing']:+.3f} | "
+                         f"{v['mae_where_unchanged']:.4f} | {v['share_of_true_change']:.3f} | "
+                         f"{_fmt(v.get('mask_dice', '-'))} | {_fmt(v.get('mask_fraction', '-'))} | "
+                         f"{', '.join(f'{k} {x:.2f}' for k, x in v.get('effectiveness', {}).items())} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write_montage(path: Path, rows: Sequence[tuple]) -> None:
+    """One block per intervention (first scan): input | counterfactual | truth | cf - input | truth - input."""
+    blocks = []
+    for _, image, cf, truth in rows:
+        for views in zip(*(mid_slices(t[0].numpy()) for t in (image, cf, truth))):
+            gray = [np.repeat((np.clip(v, 0, 1) * 255).astype(np.uint8)[..., None], 3, -1) for v in views]
+            panels = gray + [diverging(views[1] - views[0], 0.25), diverging(views[2] - views[0], 0.25)]
+            blocks.append(np.concatenate([np.pad(p, ((0, 2), (0, 2), (0, 0))) for p in panels], 1))
+    width = max(b.shape[1] for b in blocks)
+    picture = np.concatenate([np.pad(b, ((0, 0), (0, width - b.shape[1]), (0, 0))) for b in blocks], 0)
+    scale = max(1, -(-384 // picture.shape[1]))
+    Image.fromarray(picture).resize((picture.shape[1] * scale, picture.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def bar_plot(bars: Sequence[tuple[str, Mapping]], size: tuple[int, int] = (640, 360)) -> Image.Image:
+    """MAE to the true counterfactual per intervention: input (grey), counterfactual (blue), reconstruction (green)."""
+    picture = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(picture)
+    keys = (("input_vs_truth", (150, 150, 150)), ("counterfactual_vs_truth", (40, 90, 200)),
+            ("reconstruction_vs_truth", (60, 160, 80)))  # fmt: skip
+    top = max(v[k]["mae"] for _, v in bars for k, _ in keys) or 1.0
+    left, bottom, height = 50, size[1] - 60, size[1] - 100
+    group = (size[0] - left - 20) / max(1, len(bars))
+    draw.line([(left, bottom), (size[0] - 10, bottom)], fill="black")
+    draw.text((5, 10), f"MAE to the true counterfactual (max {top:.4f})", fill="black")
+    for i, (tag, values) in enumerate(bars):
+        for j, (key, colour) in enumerate(keys):
+            x0 = left + i * group + 10 + j * (group - 20) / 3
+            x1 = x0 + (group - 20) / 3 - 4
+            y0 = bottom - height * values[key]["mae"] / top
+            draw.rectangle([x0, y0, x1, bottom], fill=colour)
+        draw.text((left + i * group + 10, bottom + 8), tag[:40], fill="black")
+    draw.text(
+        (left, size[1] - 25), "grey: input   blue: counterfactual   green: autoencoder reconstruction", fill="black"
+    )
+    return picture

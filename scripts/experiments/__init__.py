@@ -1,0 +1,1 @@
+"""Experiments: the fine-tuning ablation and the benchmark."""

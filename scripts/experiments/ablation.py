@@ -1,0 +1,289 @@
+"""The paper's fine-tuning table on the synthetic cohort, under a real domain shift (configs/ablation.json).
+
+Stages (each one a run of the bundle's own configs through `python -m monai.bundle run`, so the configs stay the
+program; every stage is skipped when its output exists, so an interrupted ablation resumes where it stopped):
+
+1. cohorts: a large *source* cohort in another acquisition profile (`scripts.cohort.render.PROFILES`, e.g. chest films
+   with the "portable" look), a small *target* cohort in the standard profile (few training subjects; its
+   validation subjects are the test set) and an *evaluator* cohort (standard profile, other subjects) on which the
+   covariate predictor and segmenter are trained (configs/train_evaluators.json);
+2. pretraining on the source domain only: autoencoder (frozen afterwards, like the paper's VAE) and diffusion UNet
+   with δ = 0;
+3. the paper's δ search (configs/find_delta.json) of the pretrained model against target training images;
+4. fine-tuning on the target training subjects with each scheme (`full`, `cross_attention`, `embedding`), LD off
+   (δ = 0) and LD on (δ = the searched δ, or `ld_delta` if set), for each seed: same data, steps and budget on
+   both sides;
+5. evaluation of every model (configs/evaluate.json) on the target test subjects, plus the pretrained model
+   without fine-tuning (LD off / LD at inference only);
+6. `results.json`, `results.md` (the table: mean ± std over seeds), `results_oracle.png` (a column of the table as
+   bars) and `results_montage.png` (each model's counterfactuals of the first test scan, first seed) in
+   `output_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from scripts.cohort import causal_model, render
+from scripts.io.files import atomic_write, atomic_write_json
+
+SCHEMES = ("full", "cross_attention", "embedding")
+
+
+def _bundle(run_id: str, configs: Sequence[str], overrides: Mapping[str, Any], log: Path) -> float:
+    """Run one bundle workflow in a child process; returns its wall time. The log keeps its output."""
+    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", str(list(configs))]
+    for key, value in overrides.items():
+        command += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as out:
+        result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=os.getcwd(), check=False)
+    if result.returncode != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        raise RuntimeError(f"ablation stage failed (log: {log}): {' | '.join(tail)}")
+    return time.perf_counter() - started
+
+
+def _metrics(evaluation: Mapping[str, Any]) -> dict[str, float]:
+    """The table's columns from one evaluation.json (means over the interventions)."""
+    entries = list(evaluation["interventions"].values())
+    mean = lambda values: float(np.mean(values))  # noqa: E731
+    row = {
+        "oracle_mae": mean([e["oracle"]["counterfactual_vs_truth"]["mae"] for e in entries]),
+        "oracle_ssim": mean([e["oracle"]["counterfactual_vs_truth"]["ssim"] for e in entries]),
+        "effectiveness": mean([v["counterfactual"] for e in entries for k, v in e["effectiveness"].items()
+                               if k.endswith("_accuracy")]),  # fmt: skip
+        "minimality_mae": mean([e["minimality"]["mae_where_unchanged"] for e in entries]),
+        "cf_kid": mean([e["realism"]["counterfactual"]["kid"] for e in entries]),
+    }
+    if "composition" in evaluation:
+        row["composition_mae"] = evaluation["composition"]["counterfactual_vs_input"]["mae"]
+        row["reversibility_mae"] = mean([e["reversibility"]["counterfactual_vs_input"]["mae"] for e in entries])
+    utility = evaluation.get("utility")
+    if utility:
+        aucs = [v for k, v in utility["trained_on_synthetic"].items() if k.endswith("_auc")]
+        row["utility_auc"] = mean(aucs) if aucs else float("nan")
+        row["sample_kid"] = utility["realism_of_samples"]["kid"]
+    return row
+
+
+def _summarise(rows: Sequence[Mapping[str, float]]) -> dict[str, list[float]]:
+    keys = rows[0].keys()
+    return {k: [float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))] for k in keys}
+
+
+COLUMNS = (
+    ("oracle_mae", "MAE to truth ↓"),
+    ("oracle_ssim", "SSIM to truth ↑"),
+    ("effectiveness", "effectiveness ↑"),
+    ("minimality_mae", "MAE where unchanged ↓"),
+    ("reversibility_mae", "reversibility MAE ↓"),
+    ("cf_kid", "KID cf ↓"),
+    ("sample_kid", "KID samples ↓"),
+    ("utility_auc", "utility AUC ↑"),
+)
+
+
+def markdown_table(results: Mapping[str, Any]) -> str:
+    lines = ["| model | LD (δ) | " + " | ".join(title for _, title in COLUMNS) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in COLUMNS) + " |"]  # fmt: skip
+    for row in results["rows"]:
+        cells = []
+        for key, _ in COLUMNS:
+            mean_std = row["summary"].get(key)
+            cells.append("n/a" if mean_std is None else f"{mean_std[0]:.4f} ± {mean_std[1]:.4f}")
+        lines.append(f"| {row['model']} | {row['ld']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: Mapping[str, Any], key: str = "oracle_mae", size: tuple[int, int] = (720, 360)) -> Image.Image:
+    """Bars of one column, LD off (grey) and on (blue) side by side per model, with ± std whiskers."""
+    picture = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(picture)
+    rows = results["rows"]
+    top = max(r["summary"][key][0] + r["summary"][key][1] for r in rows) or 1.0
+    left, bottom, height = 40, size[1] - 70, size[1] - 110
+    width = (size[0] - left - 20) / len(rows)
+    draw.text((5, 8), f"{dict(COLUMNS)[key]} per model (mean ± std over seeds; max {top:.4f})", fill="black")
+    draw.line([(left, bottom), (size[0] - 10, bottom)], fill="black")
+    for i, row in enumerate(rows):
+        mean, std = row["summary"][key]
+        x0, x1 = left + i * width + 6, left + (i + 1) * width - 6
+        colour = (40, 90, 200) if row["ld"] != "off" else (150, 150, 150)
+        draw.rectangle([x0, bottom - height * mean / top, x1, bottom], fill=colour)
+        xm = (x0 + x1) / 2
+        draw.line(
+            [(xm, bottom - height * (mean + std) / top), (xm, bottom - height * (mean - std) / top)], fill="black"
+        )
+        label = row["model"].replace("fine-tuned ", "").replace("pretrained ", "pre ")
+        draw.text((x0, bottom + 6), label[:14], fill="black")
+        draw.text((x0, bottom + 20), f"LD {row['ld']}"[:14], fill="black")
+    draw.text((left, size[1] - 25), "grey: LD off   blue: LD on", fill="black")
+    return picture
+
+
+def montage(panels: Sequence[tuple[str, Path]], label_width: int = 230) -> Image.Image:
+    """The evaluation montages of several models stacked, each labelled on its left."""
+    pictures = [(label, Image.open(path).convert("RGB")) for label, path in panels]
+    width = label_width + max(p.width for _, p in pictures)
+    canvas = Image.new("RGB", (width, sum(p.height + 4 for _, p in pictures)), "white")
+    top = 0
+    for label, picture in pictures:
+        canvas.paste(picture, (label_width, top))
+        ImageDraw.Draw(canvas).multiline_text((6, top + 6), label.replace(", ", "\n"), fill="black")
+        top += picture.height + 4
+    return canvas
+
+
+def run_ablation(
+    output_dir: str,
+    modality: str,
+    preset: str,
+    image_size: Sequence[int],
+    source_profile: str,
+    source_subjects: int,
+    target_train_subjects: int,
+    target_test_subjects: int,
+    evaluator_subjects: int,
+    autoencoder: Mapping[str, Any],
+    pretrain: Mapping[str, Any],
+    finetune: Mapping[str, Any],
+    evaluation: Mapping[str, Any],
+    evaluators: Mapping[str, Any],
+    delta_grid: Sequence[float],
+    ld_delta: float | None = None,
+    schemes: Sequence[str] = SCHEMES,
+    seeds: Sequence[int] = (0, 1, 2),
+) -> dict[str, Any]:
+    """Run (or resume) every stage; returns the results written to `output_dir`/results.json."""
+    unknown = sorted(set(schemes) - set(SCHEMES))
+    if unknown or not schemes:
+        raise ValueError(f"schemes must be a non-empty subset of {list(SCHEMES)}, got {list(schemes)}.")
+    if not seeds:
+        raise ValueError("seeds must name at least one seed.")
+    render.check_profile(causal_model.check_modality(modality), source_profile)
+    if source_profile == "standard":
+        raise ValueError("source_profile must differ from the target's 'standard' profile (that is the domain shift).")
+    root = Path(output_dir).absolute()
+    common = ["configs/common.json", preset]
+    size = list(image_size)
+    timings: dict[str, float] = (
+        json.loads((root / "timings.json").read_text()) if (root / "timings.json").is_file() else {}
+    )
+
+    def stage(
+        name: str, done: Path, configs: Sequence[str], overrides: Mapping[str, Any], run_id: str = "run", base=common
+    ) -> None:
+        if done.exists():
+            print(f"[ablation] {name}: done before ({done})")
+            return
+        print(f"[ablation] {name} ...", flush=True)
+        timings[name] = round(_bundle(run_id, list(base) + list(configs), overrides, root / "logs" / f"{name}.log"), 1)
+        atomic_write_json(timings, root / "timings.json")
+        print(f"[ablation] {name}: {timings[name]} s", flush=True)
+
+    # 1. cohorts (through the generator config, like a user)
+    shape = json.dumps(size)
+    spacing = None if modality == "chest" else 3.0
+    cohorts = {
+        "source": (source_subjects, source_profile, 0.1, 100),
+        "target": (target_train_subjects + target_test_subjects, "standard",
+                   target_test_subjects / (target_train_subjects + target_test_subjects), 200),
+        "evaluator": (evaluator_subjects, "standard", 0.2, 300),
+    }  # fmt: skip
+    for name, (count, profile, val_fraction, seed) in cohorts.items():
+        folder = root / f"cohort_{name}"
+        overrides = {"modality": modality, "num_subjects": count, "profile": profile, "val_fraction": val_fraction,
+                     "seed": seed, "output_dir": str(folder), "shape": shape}  # fmt: skip
+        if spacing is not None:
+            overrides["spacing"] = spacing
+        if not (folder / "datalist.json").exists():
+            started = time.perf_counter()
+            _bundle("generate", ["configs/generate_cohort.json"], overrides, root / "logs" / f"cohort_{name}.log")
+            timings[f"cohort_{name}"] = round(time.perf_counter() - started, 1)
+    base = {"image_size": size}
+    evaluator_dir = root / "evaluators"
+    stage("evaluators", evaluator_dir / "evaluators.json", ["configs/train_evaluators.json"],
+          {**base, "dataset_dir": str(root / "cohort_evaluator"), "evaluator_dir": str(evaluator_dir),
+           **evaluators})  # fmt: skip
+
+    # 2. source-domain pretraining
+    source = root / "pretrained"
+    source_base = {**base, "dataset_dir": str(root / "cohort_source"), "ckpt_dir": str(source),
+                   "output_dir": str(source / "runs"), "resume": False}  # fmt: skip
+    stage("pretrain_autoencoder", source / "autoencoder.pt", ["configs/train_autoencoder.json"],
+          {**source_base, **autoencoder}, "training")  # fmt: skip
+    stage("pretrain_diffusion", source / "model.pt", ["configs/train_diffusion.json"],
+          {**source_base, "delta": 0.0, **pretrain}, "training")  # fmt: skip
+
+    # 3. delta search on the target training images
+    target = {**base, "dataset_dir": str(root / "cohort_target")}
+    search_dir = root / "find_delta"
+    stage("find_delta", search_dir / "delta_search.json", ["configs/find_delta.json"],
+          {**target, "model_path": str(source / "model.pt"), "delta": 0.0, "delta_grid": list(delta_grid),
+           "search_datalist_key": "training", "num_records": min(16, target_train_subjects),
+           "results_dir": str(search_dir)})  # fmt: skip
+    searched = json.loads((search_dir / "delta_search.json").read_text())["chosen_delta"]
+    delta = float(ld_delta) if ld_delta is not None else float(searched)
+
+    # 4-5. fine-tuning and evaluation
+    evaluation_overrides = {**target, "evaluator_dir": str(evaluator_dir),
+                            "reference_datalist": str(root / "cohort_evaluator" / "datalist.json"),
+                            **evaluation}  # fmt: skip
+    runs = []  # (model, ld, seed, folder, delta)
+    for seed in seeds:
+        runs.append(("pretrained (no fine-tuning)", "off", seed, source, 0.0, False))
+        runs.append(("pretrained (no fine-tuning)", f"inference only ({delta:g})", seed, source, delta, False))
+        for scheme in schemes:
+            for ld, value in (("off", 0.0), (f"train + inference ({delta:g})", delta)):
+                tag = f"{scheme}_ld-{'on' if value else 'off'}_seed-{seed}"
+                folder = root / "finetuned" / tag
+                stage(f"finetune_{tag}", folder / "model.pt", ["configs/train_diffusion.json", "configs/finetune.json"],
+                      {**target, "ckpt_dir": str(folder), "output_dir": str(folder / "runs"), "resume": False,
+                       "finetune_from": str(source / "model.pt"), "finetune_scheme": scheme, "delta": value,
+                       "seed": seed, **finetune}, "training")  # fmt: skip
+                runs.append((f"fine-tuned {scheme}", ld, seed, folder, value, True))
+    rows: dict[tuple[str, str], list[dict[str, float]]] = {}
+    pictures: list[tuple[str, Path]] = []
+    for model, ld, seed, folder, value, _ in runs:
+        results_dir = root / "evaluations" / f"{folder.name}_delta-{value:g}_seed-{seed}"
+        stage(f"evaluate_{results_dir.name}", results_dir / "evaluation.json",
+              ["configs/evaluate.json"],
+              {**evaluation_overrides, "model_path": str(folder / "model.pt"), "delta": value, "seed": seed,
+               "results_dir": str(results_dir)}, base=["configs/inference.json", preset])  # fmt: skip
+        metrics = _metrics(json.loads((results_dir / "evaluation.json").read_text()))
+        rows.setdefault((model, "off" if value == 0 else ld), []).append({**metrics, "seed": seed})
+        if seed == seeds[0]:
+            pictures.append((f"{model}, LD {'off' if value == 0 else ld}", results_dir / "evaluation_montage.png"))
+
+    results = {
+        "settings": {"modality": modality, "image_size": size, "source_profile": source_profile,
+                     "source_subjects": source_subjects, "target_train_subjects": target_train_subjects,
+                     "target_test_subjects": target_test_subjects, "evaluator_subjects": evaluator_subjects,
+                     "autoencoder": dict(autoencoder), "pretrain": dict(pretrain), "finetune": dict(finetune),
+                     "evaluation": dict(evaluation), "seeds": list(seeds), "schemes": list(schemes),
+                     "searched_delta": searched, "ld_delta": delta, "delta_grid": list(delta_grid)},
+        "rows": [{"model": m, "ld": ld, "per_seed": r,
+                  "summary": _summarise([{k: v for k, v in x.items() if k != "seed"} for x in r])}
+                 for (m, ld), r in rows.items()],
+        "timings_seconds": timings,
+        "total_compute_seconds": round(sum(timings.values()), 1),
+    }  # fmt: skip
+    atomic_write_json(results, root / "results.json")
+    table = markdown_table(results)
+    atomic_write(root / "results.md", lambda tmp: Path(tmp).write_text(table), ".md")
+    atomic_write(root / "results_oracle.png", lambda tmp: plot(results).save(tmp, format="PNG"), ".png")
+    atomic_write(root / "results_montage.png", lambda tmp: montage(pictures).save(tmp, format="PNG"), ".png")
+    print(table)
+    return results

@@ -1,0 +1,1 @@
+"""Training: the autoencoder iteration, the latent-diffusion prepare-batch, losses, checkpoints and handlers."""
