@@ -48,30 +48,46 @@ def render_brain(
         raise TypeError(f"u must be a BrainExogenous, got {type(u).__name__}.")
     shape = check_shape(shape, 3, DEFAULT_BRAIN_SHAPE)
     spacing = check_spacing(spacing)
-    cov = check_brain_covariates(covariates)
-    effect = brain_growth_factors(cov)
+    effect = brain_growth_factors(check_brain_covariates(covariates))
+    pts, scale = _head_frame(u, effect, shape, spacing)
+    # Anatomy is built in the scaled frame; distances are converted back to mm for partial-volume ramps.
+    paint = Painter(shape, spacing / float(scale))
+    levels = _tissue_levels(u, effect)
+    icv = _paint_head(paint, pts, u, levels)
+    tentorium_z = _paint_cerebrum(paint, pts, icv, u, effect, levels)
+    _paint_hindbrain(paint, pts, icv, tentorium_z, u, levels)
+    vent_linear = (u.ventricle_scale * effect["ventricle_volume"]) ** (1.0 / 3.0)
+    _paint_deep_grey(paint, pts, vent_linear, levels)
+    _paint_lateral_ventricles(paint, pts, u, vent_linear, levels)
+    _paint_hippocampi(paint, pts, u, effect)
+    # Acquisition: smooth multiplicative bias field and Rician noise.
+    return acquire(paint.image, shape, spacing, u.bias_field, u.noise_sigma, u.noise_seed), paint.label
 
+
+def _head_frame(u: BrainExogenous, effect: Mapping[str, float], shape, spacing) -> tuple[tuple[np.ndarray, ...], float]:
+    """Voxel positions in the head's frame: pose, then the world scaled so the anatomy is that of a reference head."""
     gx, gy, gz = mm_grid(shape, spacing)
-    # Head pose, then scale the world so that all anatomy below is written for a reference-size head.
     y, z = rotate(gy, gz, u.pose[0])
     x, y = rotate(gx, y, u.pose[1])
     scale = effect["linear_size"] * u.size_scale
     sx, sy, sz = (scale * a for a in u.axis_scale)
-    x, y, z = x / np.float32(sx), y / np.float32(sy), z / np.float32(sz)
-    pts = (x, y, z)
-    # Anatomy is built in the scaled frame; distances are converted back to mm for partial-volume ramps.
-    mm = float(scale)
-    paint = Painter(shape, spacing / mm)
+    return (x / np.float32(sx), y / np.float32(sy), z / np.float32(sz)), scale
 
+
+def _tissue_levels(u: BrainExogenous, effect: Mapping[str, float]) -> dict[str, float]:
+    """T1 intensities of white and grey matter (their contrast fading with age), deep grey nuclei and CSF."""
     contrast = effect["gm_wm_contrast"]
     wm_level = T1_INTENSITIES["wm"] * u.contrast[0]
     gm_level = T1_INTENSITIES["gm"] * u.contrast[1]
     mid = 0.5 * (wm_level + gm_level)
     wm_level, gm_level = mid + (wm_level - mid) * contrast, mid - (mid - gm_level) * contrast
     deep_gm_level = mid - (mid - T1_INTENSITIES["deep_gm"]) * contrast
-    csf_level = T1_INTENSITIES["csf"] * u.contrast[2]
+    return {"wm": wm_level, "gm": gm_level, "deep_gm": deep_gm_level, "csf": T1_INTENSITIES["csf"] * u.contrast[2]}
 
-    # --- head, skull and neck -------------------------------------------------------------------------------
+
+def _paint_head(paint: Painter, pts, u: BrainExogenous, levels: Mapping[str, float]) -> np.ndarray:
+    """Neck, scalp, skull and marrow, then the intracranial CSF; returns the intracranial surface's distance."""
+    x, y, z = pts
     icv_center, icv_axes = (0.0, -4.0, 8.0), (62.0, 78.0, 60.0)
     head = ellipsoid_distance(pts, icv_center, [a + 12.0 for a in icv_axes])
     neck = np.maximum(ellipsoid_distance((x, y), (0.0, -14.0), (42.0, 46.0)), z + 30.0)
@@ -82,16 +98,19 @@ def render_brain(
     diploe = ellipsoid_distance(pts, icv_center, [a + 5.0 for a in icv_axes])
     paint.paint(np.maximum(diploe, -(diploe + 2.5)), T1_INTENSITIES["marrow"], BRAIN_LABELS["extracranial"])
     icv = ellipsoid_distance(pts, icv_center, icv_axes)
-    paint.paint(icv, csf_level, BRAIN_LABELS["csf"])
+    paint.paint(icv, levels["csf"], BRAIN_LABELS["csf"])
+    return icv
 
-    # --- cerebrum: distance to the nearest CSF (surface, sulci, fissures) -----------------------------------
+
+def _paint_cerebrum(paint: Painter, pts, icv, u: BrainExogenous, effect, levels) -> np.ndarray:
+    """Cortex and white matter by depth below the nearest CSF (surface, sulci, fissures); returns the tentorium."""
+    x, y, z = pts
     widening = effect["sulcal_widening_mm"]
     depth = -icv - (1.8 + widening)  # depth below the gyral crowns
     folding = random_waves(pts, u.folding_seed, u.folding_wavelength, 32)
     sulcal_depth = u.sulcal_depth * (1.0 + 0.3 * random_waves(pts, u.folding_seed + 1, 60.0, 6))
     sulcus_plane = np.abs(folding) * np.float32(u.folding_wavelength / (2.0 * np.pi))
     sulcus = np.sqrt(sulcus_plane**2 + np.maximum(depth - sulcal_depth, 0.0) ** 2) - (0.9 + widening)
-    # Interhemispheric fissure: the x=0 plane above the corpus callosum, through to the base at the poles.
     # Interhemispheric fissure: the x=0 plane, except through the central core (corpus callosum, diencephalon).
     core = ellipsoid_distance((y, z), (-6.0, 6.0), (38.0, 22.0))
     fissure = np.sqrt(x**2 + np.maximum(core, 0.0) ** 2) - (1.0 + 0.5 * widening)
@@ -106,44 +125,52 @@ def render_brain(
 
     cortex_mm = u.cortical_thickness * effect["cortical_thickness"]
     supratentorial = np.where(y < -30.0, -(z - tentorium_z), -1e3)
-    paint.paint(np.maximum(-to_csf, supratentorial), gm_level, BRAIN_LABELS["gray_matter"])
+    paint.paint(np.maximum(-to_csf, supratentorial), levels["gm"], BRAIN_LABELS["gray_matter"])
     wm_mod = 0.6 * random_waves(pts, u.folding_seed + 2, 14.0, 8)  # gyral white-matter cores vary in width
-    paint.paint(np.maximum(cortex_mm + wm_mod - to_csf, supratentorial), wm_level, BRAIN_LABELS["white_matter"])
+    paint.paint(np.maximum(cortex_mm + wm_mod - to_csf, supratentorial), levels["wm"], BRAIN_LABELS["white_matter"])
+    return tentorium_z
 
-    # --- cerebellum and brainstem ---------------------------------------------------------------------------
+
+def _paint_hindbrain(paint: Painter, pts, icv, tentorium_z, u: BrainExogenous, levels) -> None:
+    """Cerebellum with its folia and arbor vitae, fourth ventricle, brainstem and the cord in its canal."""
+    x, y, z = pts
+    csf_level, brainstem_level = levels["csf"], T1_INTENSITIES["brainstem"] * u.contrast[0]
     cerebellum = np.maximum(ellipsoid_distance(pts, (0.0, -50.0, -36.0), (54.0, 32.0, 24.0)), icv + 2.5)
     cerebellum = np.maximum(cerebellum, z - tentorium_z + 2.5)
     cb_r = np.sqrt((y + 26.0) ** 2 + (z + 34.0) ** 2 + (0.4 * x) ** 2)  # folia: arcs about the peduncles
     folia = np.cos(2.0 * np.pi * cb_r / 6.5 + 0.6 * np.cos(np.arctan2(z + 34.0, y + 26.0) * 9.0))
-    paint.paint(cerebellum, gm_level, BRAIN_LABELS["gray_matter"])
+    paint.paint(cerebellum, levels["gm"], BRAIN_LABELS["gray_matter"])
     paint.paint(np.maximum(cerebellum, (0.85 - folia) * 3.0), csf_level, BRAIN_LABELS["csf"])
     arbor = ellipsoid_distance(pts, (0.0, -40.0, -34.0), (32.0, 16.0, 10.0))
-    paint.paint(np.minimum(arbor + 4.0, np.maximum(arbor, (folia + 0.3) * 3.0)), wm_level, BRAIN_LABELS["white_matter"])
+    arbor_vitae = np.minimum(arbor + 4.0, np.maximum(arbor, (folia + 0.3) * 3.0))
+    paint.paint(arbor_vitae, levels["wm"], BRAIN_LABELS["white_matter"])
     fourth_ventricle = ellipsoid_distance(pts, (0.0, -33.0, -32.0), (5.0, 4.0, 7.0))
     paint.paint(fourth_ventricle, csf_level, BRAIN_LABELS["csf"])
     stem_y = y - (-18.0 + 0.25 * (np.maximum(z, -45.0) + 5.0))  # midbrain -> pons -> medulla, then the cord
     stem = ellipsoid_distance((x, stem_y), (0.0, 0.0), (12.0, 11.0))
-    paint.paint(np.maximum(stem, z), T1_INTENSITIES["brainstem"] * u.contrast[0], BRAIN_LABELS["white_matter"])
+    paint.paint(np.maximum(stem, z), brainstem_level, BRAIN_LABELS["white_matter"])
     foramen_magnum = z + 45.0  # below it the cord sits in a CSF-filled canal
     paint.paint(np.maximum(stem, foramen_magnum), csf_level, BRAIN_LABELS["csf"])
     cord = ellipsoid_distance((x, stem_y), (0.0, 0.0), (7.0, 6.5))
-    paint.paint(
-        np.maximum(cord, foramen_magnum), T1_INTENSITIES["brainstem"] * u.contrast[0], BRAIN_LABELS["white_matter"]
-    )
+    paint.paint(np.maximum(cord, foramen_magnum), brainstem_level, BRAIN_LABELS["white_matter"])
 
-    # --- deep grey nuclei -----------------------------------------------------------------------------------
-    vent_linear = (u.ventricle_scale * effect["ventricle_volume"]) ** (1.0 / 3.0)
+
+def _paint_deep_grey(paint: Painter, pts, vent_linear: float, levels) -> None:
+    """Caudate (hugging the ventricles as they grow), putamen, thalamus and the third ventricle."""
     for side in (-1.0, 1.0):
         caudate = ellipsoid_distance(pts, (side * (7.0 + 6.0 * vent_linear), 10.0, 12.0), (5.5, 14.0, 8.0))
-        paint.paint(caudate, deep_gm_level, BRAIN_LABELS["gray_matter"])
+        paint.paint(caudate, levels["deep_gm"], BRAIN_LABELS["gray_matter"])
         putamen = ellipsoid_distance(pts, (side * 24.0, 2.0, 2.0), (6.0, 15.0, 9.0))
-        paint.paint(putamen, deep_gm_level, BRAIN_LABELS["gray_matter"])
+        paint.paint(putamen, levels["deep_gm"], BRAIN_LABELS["gray_matter"])
         thalamus = ellipsoid_distance(pts, (side * 9.0, -14.0, 4.0), (8.5, 14.0, 9.0))
-        paint.paint(thalamus, deep_gm_level + 0.03, BRAIN_LABELS["gray_matter"])
+        paint.paint(thalamus, levels["deep_gm"] + 0.03, BRAIN_LABELS["gray_matter"])
     third_ventricle = ellipsoid_distance(pts, (0.0, -8.0, 2.0), (1.0 + 0.5 * vent_linear, 16.0, 9.0))
-    paint.paint(third_ventricle, csf_level, BRAIN_LABELS["csf"])
+    paint.paint(third_ventricle, levels["csf"], BRAIN_LABELS["csf"])
 
-    # --- lateral ventricles: a scaled copy about the ventricular centre, so volume follows the growth law -----
+
+def _paint_lateral_ventricles(paint: Painter, pts, u: BrainExogenous, vent_linear: float, levels) -> None:
+    """Lateral ventricles: a scaled copy about the ventricular centre, so their volume follows the growth law."""
+    x, y, z = pts
     vent_center = np.array([0.0, -4.0, 14.0])
     for side in (-1.0, 1.0):
         side_linear = vent_linear * (1.0 + side * u.ventricle_asymmetry) ** (1.0 / 3.0)
@@ -165,9 +192,12 @@ def render_brain(
             parts.append(ellipsoid_distance((px, py, pz), (0.0, 0.0, 0.0), axes))
         ventricle = np.minimum.reduce(parts) * side_linear
         ventricle = np.maximum(ventricle, 0.8 - side * x)  # septum pellucidum
-        paint.paint(ventricle, csf_level, BRAIN_LABELS["ventricles"])
+        paint.paint(ventricle, levels["csf"], BRAIN_LABELS["ventricles"])
 
-    # --- hippocampi: medial temporal lobes, under the temporal horns ----------------------------------------
+
+def _paint_hippocampi(paint: Painter, pts, u: BrainExogenous, effect) -> None:
+    """Hippocampi in the medial temporal lobes, under the temporal horns, scaled by the atrophy law."""
+    x, y, z = pts
     hippo_linear = (u.hippocampus_scale * effect["hippocampus_volume"]) ** (1.0 / 3.0)
     for side in (-1.0, 1.0):
         center = np.array([side * 25.0, -16.0, -26.0])
@@ -175,9 +205,6 @@ def render_brain(
         hz = (z - center[2]) / hippo_linear - 0.012 * hy**2
         hippocampus = ellipsoid_distance((hx, hy, hz), (0.0, 0.0, 0.0), (6.0, 20.0, 7.0)) * hippo_linear
         paint.paint(hippocampus, T1_INTENSITIES["hippocampus"] * u.contrast[1], BRAIN_LABELS["hippocampus"])
-
-    # --- acquisition: smooth multiplicative bias field and Rician noise -------------------------------------
-    return acquire(paint.image, shape, spacing, u.bias_field, u.noise_sigma, u.noise_seed), paint.label
 
 
 def acquire(
