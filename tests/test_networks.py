@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from scripts.core.drift import LatentDrift
 from scripts.core.networks import ConditionedUNet, LatentDriftModel, latent_scale_factor, select_trainable
 from scripts.io.weights import load_weights
 
+ROOT = Path(__file__).resolve().parents[1]
 CONDITION_SIZE, CONTEXT_DIM = 6, 16
 CROSS_ATTENTION_KV = re.compile(r"\.attn2\.to_[kv]\.weight$")
 
@@ -301,3 +303,91 @@ def test_load_weights_rejects_a_state_dict_with_missing_keys(tmp_path):
     torch.save(state, path)
     with pytest.raises(ValueError, match=r"does not fit the network .*1 missing.*missing "):
         load_weights(autoencoder(), str(path))
+
+
+DESIGNS = [
+    ["cross_attention"],
+    ["timestep_embedding"],
+    ["input_channels"],
+    ["cross_attention", "timestep_embedding"],
+    ["timestep_embedding", "input_channels"],
+]
+
+
+def configured_network(conditioning, paired: bool = False):
+    """The chest preset's network (2D, small) built by the bundle's configs with `conditioning`."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    files = ["configs/common.json", "configs/chest_xray_2d.json"] + (["configs/paired.json"] if paired else [])
+    parser.read_config([str(ROOT / f) for f in files])
+    parser["bundle_root"], parser["conditioning"], parser["device"] = str(ROOT), conditioning, "$torch.device('cpu')"
+    return parser.get_parsed_content("network_def"), parser.get_parsed_content("covariate_encoder")
+
+
+@pytest.mark.parametrize("conditioning", DESIGNS, ids=["+".join(d) for d in DESIGNS])
+def test_every_conditioning_design_builds_from_the_configs_and_hears_the_covariates(conditioning):
+    torch.manual_seed(0)
+    network, encoder = configured_network(conditioning)
+    denoiser = network.denoiser
+    for parameter in denoiser.parameters():  # MONAI zero-initialises the output convolution (and we the MLP's end)
+        if not parameter.any():
+            nn.init.normal_(parameter, std=0.5)
+    latent = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    old = encoder.encode({"age": 40, "sex": "F", "cardiomegaly": 0, "effusion": 0}).reshape(1, 1, -1)
+    ill = encoder.encode({"age": 80, "sex": "M", "cardiomegaly": 1, "effusion": 1}).reshape(1, 1, -1)
+    timesteps = torch.tensor([500, 500])
+    with torch.no_grad():
+        out = denoiser(latent, timesteps, torch.cat([old, ill]).float())
+        same = denoiser(latent, timesteps, torch.cat([old, old]).float())
+    assert out.shape == latent.shape
+    torch.testing.assert_close(out[0], same[0])
+    assert not torch.allclose(out[1], same[1], atol=1e-5), "the covariates must change the noise estimate"
+
+
+def test_the_timestep_embedding_starts_as_a_no_op():
+    torch.manual_seed(0)
+    network, encoder = configured_network(["timestep_embedding"])
+    latent = torch.randn(1, 3, 32, 32)
+    records = (
+        {"age": 20, "sex": "F", "cardiomegaly": 0, "effusion": 0},
+        {"age": 90, "sex": "M", "cardiomegaly": 1, "effusion": 1},
+    )
+    conditions = [encoder.encode(c).reshape(1, 1, -1).float() for c in records]
+    nn.init.normal_(network.denoiser.unet.out[-1].conv.weight, std=0.5)  # MONAI starts the output at zero
+    with torch.no_grad():
+        first, second = (network.denoiser(latent, torch.tensor([10]), c) for c in conditions)
+    torch.testing.assert_close(first, second)
+
+
+def test_the_paired_overlay_adds_the_source_latent_to_every_design():
+    network, encoder = configured_network(["input_channels"], paired=True)
+    assert network.denoiser.unet.in_channels == 2 * 3 + 2 * encoder.size
+
+
+def test_a_conditioning_the_unet_was_not_built_for_is_named():
+    with pytest.raises(ValueError, match="num_class_embeds"):
+        ConditionedUNet(unet(), CONDITION_SIZE, CONTEXT_DIM, conditioning=["timestep_embedding"])
+    with pytest.raises(ValueError, match="conditioning must be"):
+        ConditionedUNet(unet(), CONDITION_SIZE, CONTEXT_DIM, conditioning=["film"])
+    with pytest.raises(ValueError, match="16 channels|channels, its UNet takes"):
+        ConditionedUNet(unet(), CONDITION_SIZE, CONTEXT_DIM, conditioning=["cross_attention", "input_channels"])(
+            torch.randn(1, 3, 16, 16), torch.tensor([1]), torch.zeros(1, 1, CONDITION_SIZE)
+        )
+
+
+def test_weights_say_which_conditioning_they_were_trained_with(tmp_path):
+    from scripts.io.weights import save_weights, weights_metadata
+
+    network, _ = configured_network(["timestep_embedding"])
+    path = tmp_path / "model.pt"
+    save_weights(path, network, weights_metadata(network.drift, network=network_config(["timestep_embedding"])))
+    other, _ = configured_network(["cross_attention"])
+    with pytest.raises(ValueError, match=r"trained with conditioning \['timestep_embedding'\]"):
+        load_weights(other, str(path))
+    same, _ = configured_network(["timestep_embedding"])
+    load_weights(same, str(path))
+
+
+def network_config(conditioning):
+    return {"conditioning": conditioning, "spatial_dims": 2}

@@ -33,25 +33,89 @@ class CovariateTokens(nn.Module):
         return values * self.weight + self.bias
 
 
+class CovariateEmbedding(nn.Module):
+    """
+    Embeds a covariate vector c (B, 1, size) as one vector (B, dim) by a small MLP (Linear, SiLU, Linear), added to
+    the UNet's timestep embedding, so every residual block sees the covariates. The last layer starts at zero: the
+    untrained embedding changes nothing.
+    """
+
+    def __init__(self, condition_size: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.condition_size = condition_size
+        self.mlp = nn.Sequential(
+            nn.Linear(condition_size, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim)
+        )
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+        values = condition.reshape(condition.shape[0], -1)
+        if values.shape[1] != self.condition_size:
+            raise ValueError(f"condition has {values.shape[1]} values, the model expects {self.condition_size}.")
+        return self.mlp(values)
+
+
+CONDITIONINGS = ("cross_attention", "timestep_embedding", "input_channels")
+
+
 class ConditionedUNet(nn.Module):
     """
-    The denoiser ε_θ(z_t, t, c): covariate tokens (`CovariateTokens`) are the UNet's cross-attention context.
+    The denoiser ε_θ(z_t, t, c): the covariate vector c reaches a MONAI DiffusionModelUNet by one or more of
+    `conditioning`:
+
+    - "cross_attention": one context token per covariate value (`CovariateTokens`) in the UNet's cross-attention
+      (the UNet built `with_conditioning=True`, `cross_attention_dim=context_dim`);
+    - "timestep_embedding": an MLP embedding (`CovariateEmbedding`) added to the timestep embedding (the UNet built
+      with `num_class_embeds=1`; the embedding replaces its class-embedding table);
+    - "input_channels": c as constant input channels beside the latent (the UNet's `in_channels` counts them).
 
     Args:
-        unet: a MONAI DiffusionModelUNet built `with_conditioning=True`.
+        unet: the MONAI DiffusionModelUNet, built to match `conditioning`.
         condition_size: length of the covariate vector (`CovariateEncoder.size`).
-        context_dim: the UNet's `cross_attention_dim`.
+        context_dim: the UNet's `cross_attention_dim` (used by "cross_attention").
+        conditioning: the designs used, any non-empty combination of `CONDITIONINGS`.
     """
 
-    def __init__(self, unet: DiffusionModelUNet, condition_size: int, context_dim: int) -> None:
+    def __init__(
+        self,
+        unet: DiffusionModelUNet,
+        condition_size: int,
+        context_dim: int | None = None,
+        conditioning: Sequence[str] = ("cross_attention",),
+    ) -> None:
         super().__init__()
-        if not unet.with_conditioning:
-            raise ValueError("the diffusion UNet must be built with with_conditioning=True and a cross_attention_dim.")
-        self.unet = unet
-        self.embedding = CovariateTokens(condition_size, context_dim)
+        conditioning = [conditioning] if isinstance(conditioning, str) else list(conditioning)
+        unknown = [c for c in conditioning if c not in CONDITIONINGS]
+        if unknown or not conditioning or len(set(conditioning)) != len(conditioning):
+            raise ValueError(
+                f"conditioning must be a non-empty list of distinct {list(CONDITIONINGS)}, got {conditioning}."
+            )
+        self.unet, self.conditioning, self.condition_size = unet, tuple(conditioning), condition_size
+        if "cross_attention" in conditioning:
+            if not unet.with_conditioning or context_dim is None:
+                raise ValueError(
+                    "conditioning 'cross_attention': the diffusion UNet must be built with with_conditioning=True and "
+                    "a cross_attention_dim."
+                )
+            self.embedding = CovariateTokens(condition_size, context_dim)
+        if "timestep_embedding" in conditioning:
+            if unet.num_class_embeds is None:
+                raise ValueError("conditioning 'timestep_embedding': build the diffusion UNet with num_class_embeds=1.")
+            unet.class_embedding = CovariateEmbedding(condition_size, unet.time_embed[-1].out_features)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, timesteps=timesteps, context=self.embedding(condition))
+        context = self.embedding(condition) if "cross_attention" in self.conditioning else None
+        labels = condition if "timestep_embedding" in self.conditioning else None
+        if "input_channels" in self.conditioning:
+            values = condition.reshape(condition.shape[0], -1, *([1] * (x.ndim - 2))).to(x.dtype)
+            x = torch.cat([x, values.expand(-1, -1, *x.shape[2:])], 1)
+        if x.shape[1] != self.unet.in_channels:
+            raise ValueError(
+                f"the denoiser's input has {x.shape[1]} channels, its UNet takes {self.unet.in_channels} (conditioning "
+                f"{list(self.conditioning)}); build the UNet with the latent channels plus the condition's size."
+            )
+        return self.unet(x, timesteps=timesteps, context=context, class_labels=labels)
 
 
 class LatentDriftModel(nn.Module):
@@ -91,7 +155,8 @@ def select_trainable(denoiser: ConditionedUNet, scheme: str = "full") -> list[nn
 
     "full": the whole UNet and the covariate embedding (basic fine-tuning);
     "cross_attention": only the key/value projections of the cross-attention layers (Custom Diffusion);
-    "embedding": only the covariate embedding, the UNet frozen (Textual Inversion).
+    "embedding": only the covariate embeddings (tokens and/or the timestep-embedding MLP), the UNet frozen (Textual
+    Inversion).
     """
     if scheme not in FINETUNE_SCHEMES:
         raise ValueError(f"finetune_scheme must be one of {FINETUNE_SCHEMES}, got {scheme!r}.")
@@ -102,7 +167,7 @@ def select_trainable(denoiser: ConditionedUNet, scheme: str = "full") -> list[nn
         elif scheme == "cross_attention":
             trainable = ".attn2.to_k." in name or ".attn2.to_v." in name
         else:
-            trainable = name.startswith("embedding.")
+            trainable = name.startswith(("embedding.", "unet.class_embedding."))
         parameter.requires_grad_(trainable)
         if trainable:
             chosen.append(parameter)

@@ -151,17 +151,17 @@ def compare_compositions(
             table = score_compositions(
                 inferer, network, images, source, target, truth, batch_size, mask_thresholds, outputs
             )
+            readings = {}
             if predictor is not None:
-                changed = sorted({k for r, t in zip(records, targets) for k in requested_changes(encoder, r, t)})
-                for name, output in outputs.items():
-                    rows = E.decode_predictions(encoder, E.predict(predictor, output))
-                    table[name]["effectiveness"] = {
-                        k: v["counterfactual"]
-                        for k, v in effectiveness_scores(encoder, {"counterfactual": rows}, targets, changed).items()
-                    }
+                readings = {
+                    name: E.decode_predictions(encoder, E.predict(predictor, out)) for name, out in outputs.items()
+                }
+                _add_effectiveness(table, encoder, readings, records, targets, range(len(records)))
             tables[intervention_tag(spec)] = table
             for direction, chosen in _directions(encoder, records, targets).items():
-                tables[f"{intervention_tag(spec)} [{direction}]"] = _subset_scores(outputs, images, truth, chosen)
+                subset = _subset_scores(outputs, images, truth, chosen)
+                _add_effectiveness(subset, encoder, readings, records, targets, chosen)
+                tables[f"{intervention_tag(spec)} [{direction}]"] = subset
             scores = tables[intervention_tag(spec)]
             summary = [
                 f"{k} {v['gain_over_doing_nothing']:+.3f}/{v['share_of_true_change']:.3f}" for k, v in scores.items()
@@ -179,6 +179,16 @@ def compare_compositions(
         (staged / "compositions.json").write_text(json.dumps(report, indent=4) + "\n")
         (staged / "compositions.md").write_text(compositions_markdown(report))
     return report
+
+
+def _add_effectiveness(table, encoder, readings, records, targets, indices) -> None:
+    """Each variant's effectiveness over the records at `indices`: how often the predictor reads the asked value."""
+    chosen = list(indices)
+    changed = sorted({k for i in chosen for k in requested_changes(encoder, records[i], targets[i])})
+    wanted = [targets[i] for i in chosen]
+    for name, rows in readings.items():
+        scores = effectiveness_scores(encoder, {"counterfactual": [rows[i] for i in chosen]}, wanted, changed)
+        table[name]["effectiveness"] = {k: v["counterfactual"] for k, v in scores.items()}
 
 
 def _recommended(tables: Mapping[str, Mapping[str, Mapping[str, float]]], min_share_kept: float) -> dict[str, Any]:

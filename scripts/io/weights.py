@@ -34,7 +34,7 @@ WEIGHTS_FORMAT = "latent_drift_weights"
 FORMAT_VERSION = 1
 NETWORK_KEYS = (
     "spatial_dims", "image_size", "pixdim", "latent_channels", "autoencoder_channels", "unet_channels",
-    "cross_attention_dim", "norm_num_groups", "intensity_percentiles",
+    "cross_attention_dim", "conditioning", "norm_num_groups", "intensity_percentiles",
 )  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -127,6 +127,12 @@ def load_weights(
     state, metadata = read_weights(path, checkpoint_key)
     if (metadata or {}).get("paired") and not _is_paired(module):
         hint = "The file holds a paired (longitudinal) model: add configs/paired.json to the config files. " + hint
+    trained_with = list(((metadata or {}).get("network") or {}).get("conditioning") or ["cross_attention"])
+    built_with = list(getattr(getattr(module, "denoiser", None), "conditioning", trained_with))
+    if trained_with != built_with:
+        hint = (
+            f'The weights were trained with conditioning {trained_with}: set --conditioning "{trained_with}". ' + hint
+        )
     _check_keys(module, state, path, hint)
     module.load_state_dict(state, strict=True)
     if metadata is None:
@@ -141,11 +147,12 @@ def load_weights(
 
 def _is_paired(module: nn.Module) -> bool:
     """Whether `module` is a LatentDriftModel whose denoiser takes the source latent as extra input channels."""
-    unet = getattr(getattr(module, "denoiser", None), "unet", None)
-    autoencoder = getattr(module, "autoencoder", None)
+    denoiser = getattr(module, "denoiser", None)
+    unet, autoencoder = getattr(denoiser, "unet", None), getattr(module, "autoencoder", None)
     if unet is None or autoencoder is None:
         return False
-    return unet.in_channels == 2 * autoencoder.latent_channels
+    condition_channels = denoiser.condition_size if "input_channels" in denoiser.conditioning else 0
+    return unet.in_channels - condition_channels == 2 * autoencoder.latent_channels
 
 
 def _weights_drift(configured: LatentDrift, saved: Mapping[str, Any], path: str) -> LatentDrift:
