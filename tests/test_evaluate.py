@@ -122,9 +122,9 @@ def _fake_evaluation(mae: float) -> dict:
 
 
 def test_ablation_table_reports_mean_and_spread_over_seeds():
-    rows = [ablation._metrics(_fake_evaluation(m)) for m in (0.1, 0.3)]
+    rows = [ablation.metrics_row(_fake_evaluation(m)) for m in (0.1, 0.3)]
     assert rows[0]["utility_auc"] == 0.5 and rows[0]["reversibility_mae"] == pytest.approx(0.2)
-    summary = ablation._summarise(rows)
+    summary = ablation.summarise(rows)
     assert summary["oracle_mae"] == pytest.approx([0.2, 0.1])
     table = ablation.markdown_table({"rows": [{"model": "fine-tuned full", "ld": "off", "summary": summary}]})
     assert "| fine-tuned full | off | 0.2000 ± 0.1000 |" in table

@@ -23,10 +23,6 @@ program; every stage is skipped when its output exists, so an interrupted ablati
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,27 +31,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from scripts.cohort import causal_model, render
+from scripts.experiments.stages import Stages
 from scripts.io.files import atomic_write, atomic_write_json
 
 SCHEMES = ("full", "cross_attention", "embedding")
 
 
-def _bundle(run_id: str, configs: Sequence[str], overrides: Mapping[str, Any], log: Path) -> float:
-    """Run one bundle workflow in a child process; returns its wall time. The log keeps its output."""
-    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", str(list(configs))]
-    for key, value in overrides.items():
-        command += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
-    log.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with open(log, "w", encoding="utf-8") as out:
-        result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=os.getcwd(), check=False)
-    if result.returncode != 0:
-        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-        raise RuntimeError(f"ablation stage failed (log: {log}): {' | '.join(tail)}")
-    return time.perf_counter() - started
-
-
-def _metrics(evaluation: Mapping[str, Any]) -> dict[str, float]:
+def metrics_row(evaluation: Mapping[str, Any]) -> dict[str, float]:
     """The table's columns from one evaluation.json (means over the interventions)."""
     entries = list(evaluation["interventions"].values())
     mean = lambda values: float(np.mean(values))  # noqa: E731
@@ -78,7 +60,7 @@ def _metrics(evaluation: Mapping[str, Any]) -> dict[str, float]:
     return row
 
 
-def _summarise(rows: Sequence[Mapping[str, float]]) -> dict[str, list[float]]:
+def summarise(rows: Sequence[Mapping[str, float]]) -> dict[str, list[float]]:
     keys = rows[0].keys()
     return {k: [float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))] for k in keys}
 
@@ -167,6 +149,41 @@ def run_ablation(
     seeds: Sequence[int] = (0, 1, 2),
 ) -> dict[str, Any]:
     """Run (or resume) every stage; returns the results written to `output_dir`/results.json."""
+    _check_settings(modality, source_profile, schemes, seeds)
+    root = Path(output_dir).absolute()
+    stages = Stages(root, ["configs/common.json", preset], "ablation")
+    base = {"image_size": list(image_size)}
+    counts = (source_subjects, target_train_subjects, target_test_subjects, evaluator_subjects)
+    cohorts = _cohorts(stages, modality, image_size, source_profile, *counts)
+    evaluator_dir = root / "evaluators"
+    stages.run("evaluators", evaluator_dir / "evaluators.json", ["configs/train_evaluators.json"],
+               {**base, "dataset_dir": str(cohorts["evaluator"]), "evaluator_dir": str(evaluator_dir), **evaluators})  # fmt: skip
+    source = _pretrain(stages, root, {**base, "dataset_dir": str(cohorts["source"])}, autoencoder, pretrain)
+    target = {**base, "dataset_dir": str(cohorts["target"])}
+    searched, delta = _search_delta(stages, root, target, source, delta_grid, target_train_subjects, ld_delta)
+    runs = _finetune(stages, root, target, source, schemes, seeds, delta, finetune)
+    evaluation_overrides = {**target, "evaluator_dir": str(evaluator_dir),
+                            "reference_datalist": str(cohorts["evaluator"] / "datalist.json"), **evaluation}  # fmt: skip
+    rows, pictures = _evaluate(stages, root, runs, evaluation_overrides, preset, seeds[0])
+    results = {
+        "settings": {"modality": modality, "image_size": list(image_size), "source_profile": source_profile,
+                     "source_subjects": source_subjects, "target_train_subjects": target_train_subjects,
+                     "target_test_subjects": target_test_subjects, "evaluator_subjects": evaluator_subjects,
+                     "autoencoder": dict(autoencoder), "pretrain": dict(pretrain), "finetune": dict(finetune),
+                     "evaluation": dict(evaluation), "seeds": list(seeds), "schemes": list(schemes),
+                     "searched_delta": searched, "ld_delta": delta, "delta_grid": list(delta_grid)},
+        "rows": [{"model": m, "ld": ld, "per_seed": r,
+                  "summary": summarise([{k: v for k, v in x.items() if k != "seed"} for x in r])}
+                 for (m, ld), r in rows.items()],
+        "timings_seconds": stages.timings,
+        "total_compute_seconds": round(sum(stages.timings.values()), 1),
+    }  # fmt: skip
+    _write_results(root, results, pictures)
+    return results
+
+
+def _check_settings(modality: str, source_profile: str, schemes: Sequence[str], seeds: Sequence[int]) -> None:
+    """Schemes, seeds and the domain shift, checked before any work."""
     unknown = sorted(set(schemes) - set(SCHEMES))
     if unknown or not schemes:
         raise ValueError(f"schemes must be a non-empty subset of {list(SCHEMES)}, got {list(schemes)}.")
@@ -175,115 +192,86 @@ def run_ablation(
     render.check_profile(causal_model.check_modality(modality), source_profile)
     if source_profile == "standard":
         raise ValueError("source_profile must differ from the target's 'standard' profile (that is the domain shift).")
-    root = Path(output_dir).absolute()
-    common = ["configs/common.json", preset]
-    size = list(image_size)
-    timings: dict[str, float] = (
-        json.loads((root / "timings.json").read_text()) if (root / "timings.json").is_file() else {}
-    )
 
-    def stage(
-        name: str, done: Path, configs: Sequence[str], overrides: Mapping[str, Any], run_id: str = "run", base=common
-    ) -> None:
-        if done.exists():
-            print(f"[ablation] {name}: done before ({done})")
-            return
-        print(f"[ablation] {name} ...", flush=True)
-        timings[name] = round(_bundle(run_id, list(base) + list(configs), overrides, root / "logs" / f"{name}.log"), 1)
-        atomic_write_json(timings, root / "timings.json")
-        print(f"[ablation] {name}: {timings[name]} s", flush=True)
 
-    # 1. cohorts (through the generator config, like a user)
-    shape = json.dumps(size)
-    spacing = None if modality == "chest" else 3.0
+def _cohorts(stages, modality, image_size, source_profile, source, target_train, target_test, evaluator) -> dict:
+    """Stage 1, through the generator config like a user: source, target and evaluator cohorts."""
+    shape = {"shape": json.dumps(list(image_size))}
+    if modality != "chest":
+        shape["spacing"] = 3.0
     cohorts = {
-        "source": (source_subjects, source_profile, 0.1, 100),
-        "target": (target_train_subjects + target_test_subjects, "standard",
-                   target_test_subjects / (target_train_subjects + target_test_subjects), 200),
-        "evaluator": (evaluator_subjects, "standard", 0.2, 300),
-    }  # fmt: skip
-    for name, (count, profile, val_fraction, seed) in cohorts.items():
-        folder = root / f"cohort_{name}"
-        overrides = {"modality": modality, "num_subjects": count, "profile": profile, "val_fraction": val_fraction,
-                     "seed": seed, "output_dir": str(folder), "shape": shape}  # fmt: skip
-        if spacing is not None:
-            overrides["spacing"] = spacing
-        if not (folder / "datalist.json").exists():
-            started = time.perf_counter()
-            _bundle("generate", ["configs/generate_cohort.json"], overrides, root / "logs" / f"cohort_{name}.log")
-            timings[f"cohort_{name}"] = round(time.perf_counter() - started, 1)
-    base = {"image_size": size}
-    evaluator_dir = root / "evaluators"
-    stage("evaluators", evaluator_dir / "evaluators.json", ["configs/train_evaluators.json"],
-          {**base, "dataset_dir": str(root / "cohort_evaluator"), "evaluator_dir": str(evaluator_dir),
-           **evaluators})  # fmt: skip
+        "source": (source, source_profile, 0.1, 100),
+        "target": (target_train + target_test, "standard", target_test / (target_train + target_test), 200),
+        "evaluator": (evaluator, "standard", 0.2, 300),
+    }
+    return {
+        name: stages.cohort(name, modality, {"num_subjects": count, "profile": profile, "val_fraction": fraction,
+                                             "seed": seed, **shape})  # fmt: skip
+        for name, (count, profile, fraction, seed) in cohorts.items()
+    }
 
-    # 2. source-domain pretraining
+
+def _pretrain(stages, root: Path, source_data: Mapping[str, Any], autoencoder, pretrain) -> Path:
+    """Stage 2: autoencoder and diffusion UNet (δ = 0) on the source domain only; returns their folder."""
     source = root / "pretrained"
-    source_base = {**base, "dataset_dir": str(root / "cohort_source"), "ckpt_dir": str(source),
-                   "output_dir": str(source / "runs"), "resume": False}  # fmt: skip
-    stage("pretrain_autoencoder", source / "autoencoder.pt", ["configs/train_autoencoder.json"],
-          {**source_base, **autoencoder}, "training")  # fmt: skip
-    stage("pretrain_diffusion", source / "model.pt", ["configs/train_diffusion.json"],
-          {**source_base, "delta": 0.0, **pretrain}, "training")  # fmt: skip
+    settings = {**source_data, "ckpt_dir": str(source), "output_dir": str(source / "runs"), "resume": False}
+    stages.run("pretrain_autoencoder", source / "autoencoder.pt", ["configs/train_autoencoder.json"],
+               {**settings, **autoencoder}, "training")  # fmt: skip
+    stages.run("pretrain_diffusion", source / "model.pt", ["configs/train_diffusion.json"],
+               {**settings, "delta": 0.0, **pretrain}, "training")  # fmt: skip
+    return source
 
-    # 3. delta search on the target training images
-    target = {**base, "dataset_dir": str(root / "cohort_target")}
+
+def _search_delta(stages, root: Path, target, source: Path, delta_grid, train_subjects: int, ld_delta):
+    """Stage 3: the paper's δ search on the target training images; returns (searched δ, δ used)."""
     search_dir = root / "find_delta"
-    stage("find_delta", search_dir / "delta_search.json", ["configs/find_delta.json"],
-          {**target, "model_path": str(source / "model.pt"), "delta": 0.0, "delta_grid": list(delta_grid),
-           "search_datalist_key": "training", "num_records": min(16, target_train_subjects),
-           "results_dir": str(search_dir)})  # fmt: skip
+    stages.run("find_delta", search_dir / "delta_search.json", ["configs/find_delta.json"],
+               {**target, "model_path": str(source / "model.pt"), "delta": 0.0, "delta_grid": list(delta_grid),
+                "search_datalist_key": "training", "num_records": min(16, train_subjects),
+                "results_dir": str(search_dir)})  # fmt: skip
     searched = json.loads((search_dir / "delta_search.json").read_text())["chosen_delta"]
-    delta = float(ld_delta) if ld_delta is not None else float(searched)
+    return searched, float(ld_delta) if ld_delta is not None else float(searched)
 
-    # 4-5. fine-tuning and evaluation
-    evaluation_overrides = {**target, "evaluator_dir": str(evaluator_dir),
-                            "reference_datalist": str(root / "cohort_evaluator" / "datalist.json"),
-                            **evaluation}  # fmt: skip
-    runs = []  # (model, ld, seed, folder, delta)
+
+def _finetune(stages, root: Path, target, source: Path, schemes, seeds, delta: float, finetune) -> list[tuple]:
+    """Stage 4: every scheme x LD off/on x seed fine-tuned on the target; returns (model, ld, seed, folder, δ)."""
+    runs = []
     for seed in seeds:
-        runs.append(("pretrained (no fine-tuning)", "off", seed, source, 0.0, False))
-        runs.append(("pretrained (no fine-tuning)", f"inference only ({delta:g})", seed, source, delta, False))
+        runs.append(("pretrained (no fine-tuning)", "off", seed, source, 0.0))
+        runs.append(("pretrained (no fine-tuning)", f"inference only ({delta:g})", seed, source, delta))
         for scheme in schemes:
             for ld, value in (("off", 0.0), (f"train + inference ({delta:g})", delta)):
                 tag = f"{scheme}_ld-{'on' if value else 'off'}_seed-{seed}"
                 folder = root / "finetuned" / tag
-                stage(f"finetune_{tag}", folder / "model.pt", ["configs/train_diffusion.json", "configs/finetune.json"],
-                      {**target, "ckpt_dir": str(folder), "output_dir": str(folder / "runs"), "resume": False,
-                       "finetune_from": str(source / "model.pt"), "finetune_scheme": scheme, "delta": value,
-                       "seed": seed, **finetune}, "training")  # fmt: skip
-                runs.append((f"fine-tuned {scheme}", ld, seed, folder, value, True))
+                stages.run(f"finetune_{tag}", folder / "model.pt", ["configs/train_diffusion.json", "configs/finetune.json"],
+                           {**target, "ckpt_dir": str(folder), "output_dir": str(folder / "runs"), "resume": False,
+                            "finetune_from": str(source / "model.pt"), "finetune_scheme": scheme, "delta": value,
+                            "seed": seed, **finetune}, "training")  # fmt: skip
+                runs.append((f"fine-tuned {scheme}", ld, seed, folder, value))
+    return runs
+
+
+def _evaluate(stages, root: Path, runs, overrides, preset: str, first_seed: int) -> tuple[dict, list]:
+    """Stage 5: every model scored on the target test subjects; returns the rows per (model, LD) and the montage."""
     rows: dict[tuple[str, str], list[dict[str, float]]] = {}
     pictures: list[tuple[str, Path]] = []
-    for model, ld, seed, folder, value, _ in runs:
+    for model, ld, seed, folder, value in runs:
         results_dir = root / "evaluations" / f"{folder.name}_delta-{value:g}_seed-{seed}"
-        stage(f"evaluate_{results_dir.name}", results_dir / "evaluation.json",
-              ["configs/evaluate.json"],
-              {**evaluation_overrides, "model_path": str(folder / "model.pt"), "delta": value, "seed": seed,
-               "results_dir": str(results_dir)}, base=["configs/inference.json", preset])  # fmt: skip
-        metrics = _metrics(json.loads((results_dir / "evaluation.json").read_text()))
+        stages.run(f"evaluate_{results_dir.name}", results_dir / "evaluation.json", ["configs/evaluate.json"],
+                   {**overrides, "model_path": str(folder / "model.pt"), "delta": value, "seed": seed,
+                    "results_dir": str(results_dir)}, base=["configs/inference.json", preset])  # fmt: skip
+        metrics = metrics_row(json.loads((results_dir / "evaluation.json").read_text()))
         rows.setdefault((model, "off" if value == 0 else ld), []).append({**metrics, "seed": seed})
-        if seed == seeds[0]:
+        if seed == first_seed:
             pictures.append((f"{model}, LD {'off' if value == 0 else ld}", results_dir / "evaluation_montage.png"))
+    return rows, pictures
 
-    results = {
-        "settings": {"modality": modality, "image_size": size, "source_profile": source_profile,
-                     "source_subjects": source_subjects, "target_train_subjects": target_train_subjects,
-                     "target_test_subjects": target_test_subjects, "evaluator_subjects": evaluator_subjects,
-                     "autoencoder": dict(autoencoder), "pretrain": dict(pretrain), "finetune": dict(finetune),
-                     "evaluation": dict(evaluation), "seeds": list(seeds), "schemes": list(schemes),
-                     "searched_delta": searched, "ld_delta": delta, "delta_grid": list(delta_grid)},
-        "rows": [{"model": m, "ld": ld, "per_seed": r,
-                  "summary": _summarise([{k: v for k, v in x.items() if k != "seed"} for x in r])}
-                 for (m, ld), r in rows.items()],
-        "timings_seconds": timings,
-        "total_compute_seconds": round(sum(timings.values()), 1),
-    }  # fmt: skip
+
+def _write_results(root: Path, results: Mapping[str, Any], pictures: Sequence[tuple[str, Path]]) -> None:
+    """Stage 6: results.json, the table, the bar plot and the montage."""
     atomic_write_json(results, root / "results.json")
     table = markdown_table(results)
     atomic_write(root / "results.md", lambda tmp: Path(tmp).write_text(table), ".md")
     atomic_write(root / "results_oracle.png", lambda tmp: plot(results).save(tmp, format="PNG"), ".png")
     atomic_write(root / "results_montage.png", lambda tmp: montage(pictures).save(tmp, format="PNG"), ".png")
     print(table)
-    return results
