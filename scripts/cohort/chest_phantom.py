@@ -29,6 +29,9 @@ from scripts.cohort.geometry import coverage, ellipsoid_distance, mm_grid, rando
 # ----------------------------------------------------------------------------------------------------------------
 
 
+DIAPHRAGM_CURVATURE = 0.009  # of the diaphragm domes (mm^-1), also sets the costophrenic angles' height
+
+
 def _smoothstep(t: np.ndarray) -> np.ndarray:
     t = np.clip(t, 0.0, 1.0)
     return t * t * (3.0 - 2.0 * t)
@@ -123,38 +126,69 @@ def render_chest(
     y = -rows / np.float32(scale * u.aspect)
     px = spacing / scale  # pixel size in the reference frame
     g = _chest_anatomy(u, cov)
-    ax = np.abs(x)
+    body, soft = _body(x, y, g, px)
+    diaphragm, cavity, cavity_half_width = _thoracic_cavity(x, y, g)
+    heart, right_lung, left_lung = _heart_and_lungs(x, y, g, cavity)
+    air = _air(x, y, g, px, u.vessel_seed, body, diaphragm, cavity, heart, right_lung, left_lung)
+    lung_cov = np.maximum(coverage(right_lung, px), coverage(left_lung, px))
+    fluid = _effusion(x, y, g, u, shape) if cov["effusion"] else np.zeros(shape, np.float32)
+    consolidation = _opacity(x, y, g, u, lung_cov) if cov["opacity"] else np.zeros(shape, np.float32)
+    air *= 1.0 - np.maximum(fluid * 0.9, consolidation * 0.75)
+    bone = _bones(x, y, u, cov["age"], px, cavity_half_width, body)
+    breast = _breasts(x, y, shape) if cov["sex"] == "F" else np.zeros(shape, np.float32)
+    image = _project(soft, air, breast, bone, u, shape)
+    # Labels (priority: effusion/opacity > heart > lungs > bone > soft tissue).
+    label = np.zeros(shape, np.uint8)
+    label[body < 0] = CHEST_LABELS["soft_tissue"]
+    label[(bone > 6.0) & (body < 0)] = CHEST_LABELS["bone"]
+    label[right_lung < 0] = CHEST_LABELS["right_lung"]
+    label[left_lung < 0] = CHEST_LABELS["left_lung"]
+    label[(heart < 0) & (y > diaphragm)] = CHEST_LABELS["heart"]
+    in_lung = (right_lung < 0) | (left_lung < 0)
+    label[in_lung & (consolidation > 0.5)] = CHEST_LABELS["opacity"]
+    label[in_lung & (fluid > 0.5)] = CHEST_LABELS["effusion"]
+    return image.astype(np.float32), label
 
-    # --- body outline and soft-tissue path length -----------------------------------------------------------
+
+def _body(x, y, g, px) -> tuple[np.ndarray, np.ndarray]:
+    """The body outline (signed distance) and the soft-tissue path length through it."""
+    ax = np.abs(x)
     torso = ellipsoid_distance((x, y), (0.0, -40.0), (g["half_width"] + 28.0, 260.0))
     torso = np.maximum(torso, y - 150.0 + 0.004 * x**2)  # shoulders slope down laterally
     neck = np.maximum(ax - 50.0, -y + 100.0)
     body = np.minimum(torso, neck)
     body_depth = 230.0 * np.sqrt(np.clip(1.0 - (x / (g["half_width"] + 40.0)) ** 2, 0.02, 1.0))
-    soft = body_depth * coverage(body, px)
+    return body, body_depth * coverage(body, px)
 
-    # --- diaphragm domes and thoracic cavity ----------------------------------------------------------------
-    curvature = 0.009
-    dome_r = g["dome_right"] - curvature * (x + 68.0) ** 2
-    dome_l = g["dome_left"] - curvature * (x - 70.0) ** 2
+
+def _thoracic_cavity(x, y, g) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The diaphragm domes, the thoracic cavity (signed distance) and its half width per row."""
+    dome_r = g["dome_right"] - DIAPHRAGM_CURVATURE * (x + 68.0) ** 2
+    dome_l = g["dome_left"] - DIAPHRAGM_CURVATURE * (x - 70.0) ** 2
     diaphragm = np.maximum(dome_r, dome_l)
     widest_y = -80.0
     upper = np.clip(1.0 - ((y - widest_y) / 228.0) ** 2, 0.0, None)
     cavity_half_width = g["half_width"] * np.where(y > widest_y, np.sqrt(upper), 1.0)
-    cavity = np.maximum(ax - cavity_half_width, diaphragm - y)
+    cavity = np.maximum(np.abs(x) - cavity_half_width, diaphragm - y)
+    return diaphragm, cavity, cavity_half_width
 
-    # --- mediastinum, heart, aorta --------------------------------------------------------------------------
+
+def _heart_and_lungs(x, y, g, cavity) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The heart, then the lungs: the cavity less the heart and the mediastinum (with the aortic knob)."""
     hx, hy = rotate(x - g["heart_cx"], y - g["heart_cy"], -g["heart_angle"])
     heart = ellipsoid_distance((hx, hy), (0.0, 0.0), (g["heart_p"], g["heart_q"]))
     aortic_knob = ellipsoid_distance((x, y), (22.0, 68.0), (12.0, 13.0))
     mediastinum = np.minimum(np.where(x < 0, -x - 27.0, x - 22.0), aortic_knob)
     mediastinum = np.maximum(mediastinum, -(y - g["heart_cy"]) - 10.0)  # above the heart the mediastinum
-    mediastinum = np.minimum(mediastinum, np.where(y < g["heart_cy"], ax - 20.0, 1e3))
+    mediastinum = np.minimum(mediastinum, np.where(y < g["heart_cy"], np.abs(x) - 20.0, 1e3))
     lung_sd = np.maximum.reduce([cavity, -heart, -mediastinum])
-    right_lung = np.maximum(lung_sd, x)
-    left_lung = np.maximum(lung_sd, -x)
+    return heart, np.maximum(lung_sd, x), np.maximum(lung_sd, -x)
 
-    # Air path length: deepest mid-lung, thin at the apex, lateral wall and medially.
+
+def _air(x, y, g, px, vessel_seed, body, diaphragm, cavity, heart, right_lung, left_lung) -> np.ndarray:
+    """Air path length: deepest mid-lung, thin at the apex, lateral wall and medially; airways, gastric bubble and
+    pulmonary vessels branching from each hilum."""
+    ax = np.abs(x)
     lung_depth = 200.0 * np.sqrt(np.clip(1.0 - ((ax - 70.0) / 90.0) ** 2, 0.0, 1.0))
     lung_depth *= np.sqrt(np.clip((150.0 - y) / 60.0, 0.0, 1.0))
     air = lung_depth * np.maximum(coverage(right_lung, px), coverage(left_lung, px))
@@ -165,34 +199,37 @@ def render_chest(
     air += 14.0 * coverage(np.maximum.reduce([bronchi, y - 58.0, 30.0 - y]), px)
     gastric = ellipsoid_distance((x, y), (72.0, g["dome_left"] - 32.0), (26.0, 16.0))
     air += 45.0 * coverage(np.maximum(gastric, y - diaphragm + 6.0), px)
+    vessels = _vessel_tree(x, y, vessel_seed) * np.maximum(coverage(right_lung, px), coverage(left_lung, px))
+    return np.clip(air - 2.5 * vessels, 0.0, None)
 
-    # Pulmonary vessels: branching trees from each hilum, tapering towards the periphery.
-    vessels = _vessel_tree(x, y, u.vessel_seed) * np.maximum(coverage(right_lung, px), coverage(left_lung, px))
-    air = np.clip(air - 2.5 * vessels, 0.0, None)
 
-    # --- pathology ------------------------------------------------------------------------------------------
+def _effusion(x, y, g, u: ChestExogenous, shape) -> np.ndarray:
+    """Pleural fluid filling the costophrenic angle(s) up to a meniscus that rises towards the lateral wall."""
     fluid = np.zeros(shape, np.float32)
-    if cov["effusion"]:
-        sides = {"right": (-1.0,), "left": (1.0,), "both": (-1.0, 1.0)}[u.effusion_side]
-        for side in sides:
-            dome_level = g["dome_right"] if side < 0 else g["dome_left"]
-            angle_y = dome_level - curvature * (g["half_width"] - 70.0) ** 2  # costophrenic angle height
-            lateral = np.clip((side * x - 25.0) / (g["half_width"] - 25.0), 0.0, 1.0)
-            level = angle_y + u.effusion_height * (0.45 + 0.55 * lateral**2)  # meniscus rises laterally
-            fluid = np.maximum(fluid, _smoothstep((level - y) / 10.0 + 0.5) * (side * x > 0))
-    lung_cov = np.maximum(coverage(right_lung, px), coverage(left_lung, px))
-    consolidation = np.zeros(shape, np.float32)
-    if cov["opacity"]:
-        side = -1.0 if u.opacity_center[0] < 0.5 else 1.0
-        ox = side * (40.0 + 85.0 * abs(u.opacity_center[0] - 0.5) * 2.0)
-        oy = g["dome_right"] + 25.0 + 160.0 * u.opacity_center[1]
-        blob = ellipsoid_distance((x, y), (ox, oy), (u.opacity_radius, 0.8 * u.opacity_radius))
-        texture = random_waves((x, y), u.vessel_seed + 7, 22.0, 12)
-        consolidation = _smoothstep(-(blob + 6.0 * texture) / 12.0 + 0.5) * lung_cov
-    air *= 1.0 - np.maximum(fluid * 0.9, consolidation * 0.75)
+    sides = {"right": (-1.0,), "left": (1.0,), "both": (-1.0, 1.0)}[u.effusion_side]
+    for side in sides:
+        dome_level = g["dome_right"] if side < 0 else g["dome_left"]
+        angle_y = dome_level - DIAPHRAGM_CURVATURE * (g["half_width"] - 70.0) ** 2  # costophrenic angle height
+        lateral = np.clip((side * x - 25.0) / (g["half_width"] - 25.0), 0.0, 1.0)
+        level = angle_y + u.effusion_height * (0.45 + 0.55 * lateral**2)  # meniscus rises laterally
+        fluid = np.maximum(fluid, _smoothstep((level - y) / 10.0 + 0.5) * (side * x > 0))
+    return fluid
 
-    # --- bones ----------------------------------------------------------------------------------------------
-    bone_density = 1.0 - BONE_DENSITY_LOSS_PER_YEAR * max(cov["age"] - 40.0, 0.0)
+
+def _opacity(x, y, g, u: ChestExogenous, lung_cov) -> np.ndarray:
+    """A patchy consolidation inside one lung at the subject's opacity centre."""
+    side = -1.0 if u.opacity_center[0] < 0.5 else 1.0
+    ox = side * (40.0 + 85.0 * abs(u.opacity_center[0] - 0.5) * 2.0)
+    oy = g["dome_right"] + 25.0 + 160.0 * u.opacity_center[1]
+    blob = ellipsoid_distance((x, y), (ox, oy), (u.opacity_radius, 0.8 * u.opacity_radius))
+    texture = random_waves((x, y), u.vessel_seed + 7, 22.0, 12)
+    return _smoothstep(-(blob + 6.0 * texture) / 12.0 + 0.5) * lung_cov
+
+
+def _bones(x, y, u: ChestExogenous, age: float, px, cavity_half_width, body) -> np.ndarray:
+    """Spine, posterior and anterior ribs and clavicles, their density falling with age after 40."""
+    ax = np.abs(x)
+    bone_density = 1.0 - BONE_DENSITY_LOSS_PER_YEAR * max(age - 40.0, 0.0)
     spine_phase = np.cos(2.0 * np.pi * (y - u.rib_offset) / 26.0)
     bone = 11.0 * coverage(ax - 16.0, px) * (0.8 + 0.2 * _smoothstep(spine_phase * 3.0 + 1.5))
     bone += 10.0 * coverage(ellipsoid_distance((ax, np.mod(y - u.rib_offset, 26.0)), (14.0, 13.0), (4.0, 5.0)), px)
@@ -214,34 +251,27 @@ def render_chest(
         clavicle_y = 128.0 + 0.22 * (t - 20.0) - 8.0 * np.sin(np.clip((t - 20.0) / 120.0, 0.0, 1.0) * np.pi)
         distance = np.abs(y - clavicle_y)
         bone += _tube_thickness(distance, 6.5, 2.0) * (t > 18.0) * (t < 155.0)
-    bone *= bone_density * coverage(body, px)
+    return bone * bone_density * coverage(body, px)
 
+
+def _breasts(x, y, shape) -> np.ndarray:
+    """Breast soft-tissue shadows ("F")."""
     breast = np.zeros(shape, np.float32)
-    if cov["sex"] == "F":
-        for side in (-1.0, 1.0):
-            b = ellipsoid_distance((x, y), (side * 100.0, -70.0), (75.0, 55.0))
-            breast += 40.0 * _smoothstep(-b / 30.0)
+    for side in (-1.0, 1.0):
+        b = ellipsoid_distance((x, y), (side * 100.0, -70.0), (75.0, 55.0))
+        breast += 40.0 * _smoothstep(-b / 30.0)
+    return breast
 
-    # --- projection, film response, blur and noise ----------------------------------------------------------
+
+def _project(soft, air, breast, bone, u: ChestExogenous, shape) -> np.ndarray:
+    """Projection, film response, blur and noise."""
     attenuation = (soft - air + breast) / 150.0 + bone / 45.0
     gain = 1.3 * u.exposure
     image = 1.0 - np.exp(-gain * np.clip(attenuation, 0.0, None))
     image = np.clip(image / (1.0 - math.exp(-2.6 * gain)), 0.0, 1.0) ** (1.3 * u.gamma)
     image = ndimage.gaussian_filter(image.astype(np.float32), sigma=0.6 * max(shape) / 256.0 + 0.3)
     noise = np.random.default_rng(u.noise_seed).standard_normal(shape, dtype=np.float32)
-    image = np.clip(image + np.float32(u.noise_sigma) * np.sqrt(image + 0.05) * noise, 0.0, 1.0)
-
-    # --- labels (priority: effusion/opacity > heart > lungs > bone > soft tissue) ---------------------------
-    label = np.zeros(shape, np.uint8)
-    label[body < 0] = CHEST_LABELS["soft_tissue"]
-    label[(bone > 6.0) & (body < 0)] = CHEST_LABELS["bone"]
-    label[right_lung < 0] = CHEST_LABELS["right_lung"]
-    label[left_lung < 0] = CHEST_LABELS["left_lung"]
-    label[(heart < 0) & (y > diaphragm)] = CHEST_LABELS["heart"]
-    in_lung = (right_lung < 0) | (left_lung < 0)
-    label[in_lung & (consolidation > 0.5)] = CHEST_LABELS["opacity"]
-    label[in_lung & (fluid > 0.5)] = CHEST_LABELS["effusion"]
-    return image.astype(np.float32), label
+    return np.clip(image + np.float32(u.noise_sigma) * np.sqrt(image + 0.05) * noise, 0.0, 1.0)
 
 
 def measure_chest(label: np.ndarray) -> dict[str, float]:
