@@ -30,6 +30,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,51 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score the model's counterfactuals of `datalist[datalist_key]` (first `num_records` scans); see the module."""
     started = time.perf_counter()
+    records = _checked_records(datalist, datalist_key, cohort_dir, interventions, num_records)
+    targets = {
+        intervention_tag(spec): [apply_intervention(encoder, r, spec) for r in records] for spec in interventions
+    }
+    scans = _Scans.load(network, inferer, encoder, transform, datalist, datalist_key, records, evaluator_dir,
+                        predictor_channels, segmenter_channels, image_size, spatial_dims, num_reference,
+                        reference_datalist or datalist, reference_key, batch_size)  # fmt: skip
+    with staged_folder(output_dir, prefix=".evaluation.") as staged:
+        report: dict[str, Any] = {"interventions": {}, "settings": {}}
+        montage_rows, oracle_bars = [], []
+        if axioms:
+            null = run_counterfactuals(inferer, network, scans.images, scans.source, scans.source, batch_size)
+            report["composition"] = {"counterfactual_vs_input": similarity(null, scans.images),
+                                     "reconstruction_vs_input": similarity(scans.recon, scans.images)}  # fmt: skip
+        for spec in interventions:
+            tag = intervention_tag(spec)
+            entry, cf, truth_images = _score_intervention(
+                scans, network, inferer, encoder, transform, cohort_dir, spec, targets[tag], staged, image_size,
+                spatial_dims, spacing, batch_size, axioms,
+            )  # fmt: skip
+            report["interventions"][tag] = entry
+            montage_rows.append((tag, scans.images[0], cf[0], truth_images[0]))
+            oracle_bars.append((tag, entry["oracle"]))
+            print(f"{tag}: MAE to truth {entry['oracle']['counterfactual_vs_truth']['mae']:.4f} "
+                  f"(input {entry['oracle']['input_vs_truth']['mae']:.4f})")  # fmt: skip
+        report["realism_of_inputs"] = scans.realism(scans.images)
+        if utility and int(utility.get("num_samples", 0)) > 0:
+            report["utility"] = _utility(scans, network, scheduler, inferer, encoder, transform, datalist, image_size,
+                                         predictor_channels, spatial_dims, utility)  # fmt: skip
+        report["evaluators"] = {"dir": str(evaluator_dir), "held_out": {
+            "predictor": scans.evaluator_report["predictor"]["held_out"],
+            "segmenter": scans.evaluator_report["segmenter"]["held_out"]}}  # fmt: skip
+        report["settings"] = {
+            "datalist": str(datalist), "datalist_key": datalist_key, "cohort_dir": str(cohort_dir),
+            "num_records": len(records), "num_reference": len(scans.reference["records"]),
+            "reference_datalist": str(reference_datalist or datalist), "reference_key": reference_key,
+            "axioms": bool(axioms), "unchanged_tolerance": UNCHANGED_TOLERANCE, **dict(settings or {}),
+        }  # fmt: skip
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        _write(staged, report, montage_rows, oracle_bars)
+    return report
+
+
+def _checked_records(datalist, datalist_key, cohort_dir, interventions, num_records: int) -> list[dict]:
+    """The records to score, with the request checked before any compute."""
     if num_records < 2:
         raise ValueError(f"num_records must be at least 2 (KID and the tables need several scans), got {num_records}.")
     if not interventions:
@@ -198,109 +244,119 @@ def evaluate(
     if len(records) < 2:
         raise ValueError(f"{datalist}: '{datalist_key}' has {len(records)} record(s); the evaluation needs 2 or more.")
     check_cohort(cohort_dir, records, datalist)
-    targets = {
-        intervention_tag(spec): [apply_intervention(encoder, r, spec) for r in records] for spec in interventions
-    }
-    predictor, segmenter, evaluator_report = E.load_evaluators(
-        evaluator_dir, encoder, spatial_dims, predictor_channels, segmenter_channels
-    )
-    held_out = E.load_cohort_split(datalist, datalist_key, encoder, transform, image_size, limit=num_records)
-    reference_datalist = reference_datalist or datalist
-    reference = E.load_cohort_split(
-        reference_datalist, reference_key, encoder, transform, image_size, False, num_reference
-    )
-    images = held_out["images"]
-    source_conditions = torch.stack([encoder.encode(r).reshape(1, -1) for r in records]).float()
-    recon = _reconstruct(network, images, batch_size, inferer.precision)
-    reference_features = E.features(predictor, reference["images"])
-    rows_input = E.decode_predictions(encoder, E.predict(predictor, images))
-    rows_recon = E.decode_predictions(encoder, E.predict(predictor, recon))
+    return records
 
-    with staged_folder(output_dir, prefix=".evaluation.") as staged:
-        report: dict[str, Any] = {"interventions": {}, "settings": {}}
-        montage_rows, oracle_bars = [], []
-        if axioms:
-            null = run_counterfactuals(inferer, network, images, source_conditions, source_conditions, batch_size)
-            report["composition"] = {"counterfactual_vs_input": similarity(null, images),
-                                     "reconstruction_vs_input": similarity(recon, images)}  # fmt: skip
-        for spec in interventions:
-            tag = intervention_tag(spec)
-            target_records = targets[tag]
-            target_conditions = torch.stack([encoder.encode(t).reshape(1, -1) for t in target_records]).float()
-            truths = [
-                load_truth(cohort_dir, r, requested_changes(encoder, r, t), transform, staged / "truth", image_size)
-                for r, t in zip(records, target_records)
-            ]
-            truth_images = torch.stack([t[0] for t in truths])
-            truth_labels = torch.stack([t[1] for t in truths])
-            cf = run_counterfactuals(inferer, network, images, source_conditions, target_conditions, batch_size)
-            rows_cf = E.decode_predictions(encoder, E.predict(predictor, cf))
-            rows_truth = E.decode_predictions(encoder, E.predict(predictor, truth_images))
-            changed = sorted({k for r, t in zip(records, target_records) for k in requested_changes(encoder, r, t)})
-            kept = [k for k in encoder.schema if k not in spec]
-            cf_features, truth_features = E.features(predictor, cf), E.features(predictor, truth_images)
-            entry = {
-                "num_scans": len(records),
-                "changed_covariates": changed,
-                "oracle": {
-                    "counterfactual_vs_truth": similarity(cf, truth_images),
-                    "input_vs_truth": similarity(images, truth_images),
-                    "reconstruction_vs_truth": similarity(recon, truth_images),
-                },
-                "volumes": volume_scores(segmenter, spatial_dims, spacing, cf, truth_images, truth_labels, images),
-                "effectiveness": effectiveness_scores(
-                    encoder,
-                    {"counterfactual": rows_cf, "truth": rows_truth, "input": rows_input, "reconstruction": rows_recon},
-                    target_records,
-                    changed,
-                ),
-                "minimality": minimality_scores(
-                    encoder, rows_cf, rows_recon, rows_input, kept, cf, images, truth_images, recon
-                ),
-                "realism": {
-                    "counterfactual": {"fid": fid(reference_features, cf_features),
-                                       "kid": kid(reference_features, cf_features)[0]},
-                    "truth": {"fid": fid(reference_features, truth_features),
-                              "kid": kid(reference_features, truth_features)[0]},
-                },  # fmt: skip
-            }
-            if axioms:
-                back = run_counterfactuals(inferer, network, cf, target_conditions, source_conditions, batch_size)
-                entry["reversibility"] = {"counterfactual_vs_input": similarity(back, images)}
-            report["interventions"][tag] = entry
-            montage_rows.append((tag, images[0], cf[0], truth_images[0]))
-            oracle_bars.append((tag, entry["oracle"]))
-            print(f"{tag}: MAE to truth {entry['oracle']['counterfactual_vs_truth']['mae']:.4f} "
-                  f"(input {entry['oracle']['input_vs_truth']['mae']:.4f})")  # fmt: skip
-        input_features = E.features(predictor, images)
-        report["realism_of_inputs"] = {"fid": fid(reference_features, input_features),
-                                       "kid": kid(reference_features, input_features)[0]}  # fmt: skip
-        if utility and int(utility.get("num_samples", 0)) > 0:
-            train_records = load_datalist(datalist, "training")[: int(utility["num_samples"])]
-            real_train = E.load_cohort_split(datalist, "training", encoder, transform, image_size, False,
-                                             int(utility["num_samples"]))["images"]  # fmt: skip
-            utility_settings = {"drift": inferer.resolve_drift(network), "precision": inferer.precision, **utility}
-            report["utility"], synthetic = utility_scores(
-                network, scheduler, encoder, predictor_channels, spatial_dims, train_records, held_out, real_train,
-                utility_settings,
-            )  # fmt: skip
-            report["utility"]["realism_of_samples"] = {
-                "fid": fid(reference_features, E.features(predictor, synthetic)),
-                "kid": kid(reference_features, E.features(predictor, synthetic))[0],
-            }
-        report["evaluators"] = {"dir": str(evaluator_dir), "held_out": {
-            "predictor": evaluator_report["predictor"]["held_out"],
-            "segmenter": evaluator_report["segmenter"]["held_out"]}}  # fmt: skip
-        report["settings"] = {
-            "datalist": str(datalist), "datalist_key": datalist_key, "cohort_dir": str(cohort_dir),
-            "num_records": len(records), "num_reference": len(reference["records"]),
-            "reference_datalist": str(reference_datalist), "reference_key": reference_key, "axioms": bool(axioms),
-            "unchanged_tolerance": UNCHANGED_TOLERANCE, **dict(settings or {}),
-        }  # fmt: skip
-        report["seconds"] = round(time.perf_counter() - started, 1)
-        shutil.rmtree(staged / "truth", ignore_errors=True)
-        (staged / "evaluation.json").write_text(json.dumps(report, indent=4) + "\n")
-        (staged / "evaluation.md").write_text(markdown_report(report))
-        write_montage(staged / "evaluation_montage.png", montage_rows)
-        bar_plot(oracle_bars).save(staged / "evaluation_oracle.png")
-    return report
+
+@dataclass
+class _Scans:
+    """The held-out scans and what every intervention is scored against: their reconstructions, the evaluators'
+    readings, and the reference features realism is measured against."""
+
+    records: list[dict]
+    images: torch.Tensor
+    source: torch.Tensor  # encoded source covariates (N, 1, size)
+    recon: torch.Tensor
+    held_out: dict
+    reference: dict
+    reference_features: torch.Tensor
+    rows_input: list
+    rows_recon: list
+    predictor: Any
+    segmenter: Any
+    evaluator_report: dict
+
+    @classmethod
+    def load(cls, network, inferer, encoder, transform, datalist, datalist_key, records, evaluator_dir,
+             predictor_channels, segmenter_channels, image_size, spatial_dims, num_reference, reference_datalist,
+             reference_key, batch_size) -> _Scans:  # fmt: skip
+        predictor, segmenter, evaluator_report = E.load_evaluators(
+            evaluator_dir, encoder, spatial_dims, predictor_channels, segmenter_channels
+        )
+        held_out = E.load_cohort_split(datalist, datalist_key, encoder, transform, image_size, limit=len(records))
+        reference = E.load_cohort_split(
+            reference_datalist, reference_key, encoder, transform, image_size, False, num_reference
+        )
+        images = held_out["images"]
+        source = torch.stack([encoder.encode(r).reshape(1, -1) for r in records]).float()
+        recon = _reconstruct(network, images, batch_size, inferer.precision)
+        reference_features = E.features(predictor, reference["images"])
+        rows_input = E.decode_predictions(encoder, E.predict(predictor, images))
+        rows_recon = E.decode_predictions(encoder, E.predict(predictor, recon))
+        return cls(records, images, source, recon, held_out, reference, reference_features, rows_input, rows_recon,
+                   predictor, segmenter, evaluator_report)  # fmt: skip
+
+    def realism(self, images: torch.Tensor) -> dict[str, float]:
+        """FID and KID of `images` against the reference scans, in the predictor's feature space."""
+        features = E.features(self.predictor, images)
+        return {"fid": fid(self.reference_features, features), "kid": kid(self.reference_features, features)[0]}
+
+
+def _score_intervention(
+    scans: _Scans, network, inferer, encoder, transform, cohort_dir, spec, target_records, staged, image_size,
+    spatial_dims, spacing, batch_size, axioms,
+) -> tuple[dict, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One intervention's scores (oracle, volumes, effectiveness, minimality, realism, reversibility), its
+    counterfactuals and their truth."""
+    records = scans.records
+    target_conditions = torch.stack([encoder.encode(t).reshape(1, -1) for t in target_records]).float()
+    truths = [
+        load_truth(cohort_dir, r, requested_changes(encoder, r, t), transform, staged / "truth", image_size)
+        for r, t in zip(records, target_records)
+    ]
+    truth_images = torch.stack([t[0] for t in truths])
+    truth_labels = torch.stack([t[1] for t in truths])
+    images = scans.images
+    cf = run_counterfactuals(inferer, network, images, scans.source, target_conditions, batch_size)
+    rows_cf = E.decode_predictions(encoder, E.predict(scans.predictor, cf))
+    rows_truth = E.decode_predictions(encoder, E.predict(scans.predictor, truth_images))
+    changed = sorted({k for r, t in zip(records, target_records) for k in requested_changes(encoder, r, t)})
+    kept = [k for k in encoder.schema if k not in spec]
+    readings = {
+        "counterfactual": rows_cf,
+        "truth": rows_truth,
+        "input": scans.rows_input,
+        "reconstruction": scans.rows_recon,
+    }
+    entry = {
+        "num_scans": len(records),
+        "changed_covariates": changed,
+        "oracle": {
+            "counterfactual_vs_truth": similarity(cf, truth_images),
+            "input_vs_truth": similarity(images, truth_images),
+            "reconstruction_vs_truth": similarity(scans.recon, truth_images),
+        },
+        "volumes": volume_scores(scans.segmenter, spatial_dims, spacing, cf, truth_images, truth_labels, images),
+        "effectiveness": effectiveness_scores(encoder, readings, target_records, changed),
+        "minimality": minimality_scores(
+            encoder, rows_cf, scans.rows_recon, scans.rows_input, kept, cf, images, truth_images, scans.recon
+        ),
+        "realism": {"counterfactual": scans.realism(cf), "truth": scans.realism(truth_images)},
+    }
+    if axioms:
+        back = run_counterfactuals(inferer, network, cf, target_conditions, scans.source, batch_size)
+        entry["reversibility"] = {"counterfactual_vs_input": similarity(back, images)}
+    return entry, cf, truth_images
+
+
+def _utility(scans: _Scans, network, scheduler, inferer, encoder, transform, datalist, image_size,
+             predictor_channels, spatial_dims, utility) -> dict[str, Any]:  # fmt: skip
+    """The paper's utility test, with the realism of the sampled images."""
+    train_records = load_datalist(datalist, "training")[: int(utility["num_samples"])]
+    real_train = E.load_cohort_split(datalist, "training", encoder, transform, image_size, False,
+                                     int(utility["num_samples"]))["images"]  # fmt: skip
+    utility_settings = {"drift": inferer.resolve_drift(network), "precision": inferer.precision, **utility}
+    scores, synthetic = utility_scores(
+        network, scheduler, encoder, predictor_channels, spatial_dims, train_records, scans.held_out, real_train,
+        utility_settings,
+    )  # fmt: skip
+    scores["realism_of_samples"] = scans.realism(synthetic)
+    return scores
+
+
+def _write(staged: Path, report: Mapping[str, Any], montage_rows, oracle_bars) -> None:
+    """evaluation.json, evaluation.md, the montage and the bar plot into the staged folder."""
+    shutil.rmtree(staged / "truth", ignore_errors=True)
+    (staged / "evaluation.json").write_text(json.dumps(report, indent=4) + "\n")
+    (staged / "evaluation.md").write_text(markdown_report(report))
+    write_montage(staged / "evaluation_montage.png", montage_rows)
+    bar_plot(oracle_bars).save(staged / "evaluation_oracle.png")
