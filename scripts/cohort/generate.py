@@ -159,18 +159,7 @@ def generate_cohort(
     modality = check_modality(modality)
     check_profile(modality, profile)
     check_anatomy(modality, anatomy)
-    if isinstance(num_subjects, bool) or not isinstance(num_subjects, (int, np.integer)) or num_subjects < 1:
-        raise ValueError(f"num_subjects must be an integer >= 1, got {num_subjects!r}.")
-    if visits_per_subject is None:
-        visits_per_subject = 3 if modality == "brain" else 1
-    if isinstance(visits_per_subject, bool) or not isinstance(visits_per_subject, (int, np.integer)):
-        raise ValueError(f"visits_per_subject must be an integer >= 1, got {visits_per_subject!r}.")
-    if visits_per_subject < 1:
-        raise ValueError(f"visits_per_subject must be an integer >= 1, got {visits_per_subject!r}.")
-    if not 0.0 <= float(val_fraction) < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}.")
-    if spacing is not None and modality != "brain":
-        raise ValueError("spacing applies to brain volumes only; leave it null for chest and choose shape.")
+    visits_per_subject = _checked_counts(modality, num_subjects, visits_per_subject, val_fraction, spacing)
     shape, spacing = _grid_of(modality, anatomy, shape, spacing)
     output_dir = os.path.abspath(os.fspath(output_dir))
     os.makedirs(output_dir, exist_ok=True)
@@ -206,6 +195,23 @@ def generate_cohort(
     datalist_path = os.path.join(output_dir, "datalist.json")
     _write_json(datalist_path, datalist)
     return datalist_path
+
+
+def _checked_counts(modality: str, num_subjects, visits_per_subject, val_fraction, spacing) -> int:
+    """The subject and visit counts, split fraction and spacing checked; returns the visits per subject."""
+    if isinstance(num_subjects, bool) or not isinstance(num_subjects, (int, np.integer)) or num_subjects < 1:
+        raise ValueError(f"num_subjects must be an integer >= 1, got {num_subjects!r}.")
+    if visits_per_subject is None:
+        visits_per_subject = 3 if modality == "brain" else 1
+    if isinstance(visits_per_subject, bool) or not isinstance(visits_per_subject, (int, np.integer)):
+        raise ValueError(f"visits_per_subject must be an integer >= 1, got {visits_per_subject!r}.")
+    if visits_per_subject < 1:
+        raise ValueError(f"visits_per_subject must be an integer >= 1, got {visits_per_subject!r}.")
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}.")
+    if spacing is not None and modality != "brain":
+        raise ValueError("spacing applies to brain volumes only; leave it null for chest and choose shape.")
+    return visits_per_subject
 
 
 def _write_cohort_subject(
