@@ -53,7 +53,7 @@ from scripts.evaluation.metrics import (
     volume_scores,
 )
 from scripts.evaluation.report import bar_plot, markdown_report, write_montage
-from scripts.io.datalist import load_datalist
+from scripts.io.datalist import as_flag, load_datalist
 from scripts.io.files import staged_folder
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,10 +94,12 @@ def apply_intervention(encoder: CovariateEncoder, source: Mapping[str, Any], spe
 
 
 def requested_changes(encoder: CovariateEncoder, source: Mapping, target: Mapping) -> dict[str, Any]:
+    """The covariates whose value in `target` differs from `source`, with their target values."""
     return {k: target[k] for k in encoder.schema if not E.same_value(encoder.schema[k], source[k], target[k])}
 
 
 def intervention_tag(spec: Mapping[str, Any]) -> str:
+    """The intervention's name in the report, e.g. ``age=+10,sex=flip``."""
     return ",".join(f"{k}={v}" for k, v in spec.items())
 
 
@@ -122,6 +124,7 @@ def load_truth(
 
 
 def check_cohort(cohort_dir: str, records: Sequence[Mapping], datalist: str) -> None:
+    """Raise unless every record's subject has its exogenous factors in the cohort (the oracle needs them)."""
     for index, record in enumerate(records):
         subject = record.get("subject")
         if subject is None or not (Path(cohort_dir) / "exogenous" / f"{subject}.json").is_file():
@@ -154,6 +157,7 @@ def run_counterfactuals(inferer, network, images, source, target, batch_size: in
 
 @torch.inference_mode()
 def _reconstruct(network, images: torch.Tensor, batch_size: int, precision: str) -> torch.Tensor:
+    """The autoencoder's reconstructions of `images` (decode(encode(x))), clamped to [0, 1]."""
     device = next(network.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
@@ -191,44 +195,28 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score the model's counterfactuals of `datalist[datalist_key]` (first `num_records` scans); see the module."""
     started = time.perf_counter()
+    axioms = as_flag(axioms, "axioms")  # the CLI passes "false" as text
     records = _checked_records(datalist, datalist_key, cohort_dir, interventions, num_records)
     targets = {
         intervention_tag(spec): [apply_intervention(encoder, r, spec) for r in records] for spec in interventions
     }
-    scans = _Scans.load(network, inferer, encoder, transform, datalist, datalist_key, records, evaluator_dir,
-                        predictor_channels, segmenter_channels, image_size, spatial_dims, num_reference,
-                        reference_datalist or datalist, reference_key, batch_size)  # fmt: skip
+    run = _Run(network, inferer, encoder, transform, cohort_dir, image_size, spatial_dims, spacing, batch_size)
+    reference_datalist = reference_datalist or datalist
+    scans = _Scans.load(run, datalist, datalist_key, records, evaluator_dir, predictor_channels, segmenter_channels,
+                        num_reference, reference_datalist, reference_key)  # fmt: skip
     with staged_folder(output_dir, prefix=".evaluation.") as staged:
         report: dict[str, Any] = {"interventions": {}, "settings": {}}
-        montage_rows, oracle_bars = [], []
         if axioms:
-            null = run_counterfactuals(inferer, network, scans.images, scans.source, scans.source, batch_size)
-            report["composition"] = {"counterfactual_vs_input": similarity(null, scans.images),
-                                     "reconstruction_vs_input": similarity(scans.recon, scans.images)}  # fmt: skip
-        for spec in interventions:
-            tag = intervention_tag(spec)
-            entry, cf, truth_images = _score_intervention(
-                scans, network, inferer, encoder, transform, cohort_dir, spec, targets[tag], staged, image_size,
-                spatial_dims, spacing, batch_size, axioms,
-            )  # fmt: skip
-            report["interventions"][tag] = entry
-            montage_rows.append((tag, scans.images[0], cf[0], truth_images[0]))
-            oracle_bars.append((tag, entry["oracle"]))
-            print(f"{tag}: MAE to truth {entry['oracle']['counterfactual_vs_truth']['mae']:.4f} "
-                  f"(input {entry['oracle']['input_vs_truth']['mae']:.4f})")  # fmt: skip
+            report["composition"] = _composition(run, scans)
+        report["interventions"], montage_rows, oracle_bars = _score_interventions(
+            run, scans, interventions, targets, staged, axioms
+        )
         report["realism_of_inputs"] = scans.realism(scans.images)
         if utility and int(utility.get("num_samples", 0)) > 0:
-            report["utility"] = _utility(scans, network, scheduler, inferer, encoder, transform, datalist, image_size,
-                                         predictor_channels, spatial_dims, utility)  # fmt: skip
-        report["evaluators"] = {"dir": str(evaluator_dir), "held_out": {
-            "predictor": scans.evaluator_report["predictor"]["held_out"],
-            "segmenter": scans.evaluator_report["segmenter"]["held_out"]}}  # fmt: skip
-        report["settings"] = {
-            "datalist": str(datalist), "datalist_key": datalist_key, "cohort_dir": str(cohort_dir),
-            "num_records": len(records), "num_reference": len(scans.reference["records"]),
-            "reference_datalist": str(reference_datalist or datalist), "reference_key": reference_key,
-            "axioms": bool(axioms), "unchanged_tolerance": UNCHANGED_TOLERANCE, **dict(settings or {}),
-        }  # fmt: skip
+            report["utility"] = _utility(run, scans, scheduler, datalist, predictor_channels, utility)
+        report["evaluators"] = _evaluators_entry(evaluator_dir, scans.evaluator_report)
+        report["settings"] = _settings_entry(scans, datalist, datalist_key, cohort_dir, reference_datalist,
+                                             reference_key, axioms, settings)  # fmt: skip
         report["seconds"] = round(time.perf_counter() - started, 1)
         _write(staged, report, montage_rows, oracle_bars)
     return report
@@ -247,10 +235,32 @@ def _checked_records(datalist, datalist_key, cohort_dir, interventions, num_reco
     return records
 
 
+@dataclass(frozen=True)
+class _Run:
+    """The model, its inferer and the data plumbing (covariates, preprocessing, cohort, grid) every step shares."""
+
+    network: Any
+    inferer: CounterfactualInferer
+    encoder: CovariateEncoder
+    transform: Callable[[dict], dict]
+    cohort_dir: str
+    image_size: Sequence[int]
+    spatial_dims: int
+    spacing: Sequence[float] | float
+    batch_size: int
+
+    def counterfactuals(self, images: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """`run_counterfactuals` of `images` from `source` to `target` conditions with this run's model."""
+        return run_counterfactuals(self.inferer, self.network, images, source, target, self.batch_size)
+
+    def conditions(self, records: Sequence[Mapping]) -> torch.Tensor:
+        """The encoded covariates of `records`, (N, 1, size)."""
+        return torch.stack([self.encoder.encode(r).reshape(1, -1) for r in records]).float()
+
+
 @dataclass
 class _Scans:
-    """The held-out scans and what every intervention is scored against: their reconstructions, the evaluators'
-    readings, and the reference features realism is measured against."""
+    """The held-out scans with what every intervention is scored against (reconstructions, readings, references)."""
 
     records: list[dict]
     images: torch.Tensor
@@ -266,19 +276,21 @@ class _Scans:
     evaluator_report: dict
 
     @classmethod
-    def load(cls, network, inferer, encoder, transform, datalist, datalist_key, records, evaluator_dir,
-             predictor_channels, segmenter_channels, image_size, spatial_dims, num_reference, reference_datalist,
-             reference_key, batch_size) -> _Scans:  # fmt: skip
+    def load(cls, run: _Run, datalist, datalist_key, records, evaluator_dir, predictor_channels, segmenter_channels,
+             num_reference, reference_datalist, reference_key) -> _Scans:  # fmt: skip
+        """The evaluators, the held-out and reference scans, and the readings shared by every intervention."""
+        encoder = run.encoder
         predictor, segmenter, evaluator_report = E.load_evaluators(
-            evaluator_dir, encoder, spatial_dims, predictor_channels, segmenter_channels
+            evaluator_dir, encoder, run.spatial_dims, predictor_channels, segmenter_channels
         )
-        held_out = E.load_cohort_split(datalist, datalist_key, encoder, transform, image_size, limit=len(records))
+        held_out = E.load_cohort_split(datalist, datalist_key, encoder, run.transform, run.image_size,
+                                       limit=len(records))  # fmt: skip
         reference = E.load_cohort_split(
-            reference_datalist, reference_key, encoder, transform, image_size, False, num_reference
+            reference_datalist, reference_key, encoder, run.transform, run.image_size, False, num_reference
         )
         images = held_out["images"]
-        source = torch.stack([encoder.encode(r).reshape(1, -1) for r in records]).float()
-        recon = _reconstruct(network, images, batch_size, inferer.precision)
+        source = run.conditions(records)
+        recon = _reconstruct(run.network, images, run.batch_size, run.inferer.precision)
         reference_features = E.features(predictor, reference["images"])
         rows_input = E.decode_predictions(encoder, E.predict(predictor, images))
         rows_recon = E.decode_predictions(encoder, E.predict(predictor, recon))
@@ -291,22 +303,49 @@ class _Scans:
         return {"fid": fid(self.reference_features, features), "kid": kid(self.reference_features, features)[0]}
 
 
-def _score_intervention(
-    scans: _Scans, network, inferer, encoder, transform, cohort_dir, spec, target_records, staged, image_size,
-    spatial_dims, spacing, batch_size, axioms,
-) -> tuple[dict, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """One intervention's scores (oracle, volumes, effectiveness, minimality, realism, reversibility), its
-    counterfactuals and their truth."""
-    records = scans.records
-    target_conditions = torch.stack([encoder.encode(t).reshape(1, -1) for t in target_records]).float()
+def _composition(run: _Run, scans: _Scans) -> dict[str, Any]:
+    """The composition axiom: the null intervention CF(x; s -> s) against x, next to the reconstruction."""
+    null = run.counterfactuals(scans.images, scans.source, scans.source)
+    return {"counterfactual_vs_input": similarity(null, scans.images),
+            "reconstruction_vs_input": similarity(scans.recon, scans.images)}  # fmt: skip
+
+
+def _score_interventions(
+    run: _Run, scans: _Scans, interventions, targets, staged: Path, axioms: bool
+) -> tuple[dict[str, Any], list, list]:
+    """Every intervention's scores by tag, with the montage rows and the oracle bars of the pictures."""
+    entries: dict[str, Any] = {}
+    montage_rows, oracle_bars = [], []
+    for spec in interventions:
+        tag = intervention_tag(spec)
+        entry, cf, truth_images = _score_intervention(run, scans, spec, targets[tag], staged, axioms)
+        entries[tag] = entry
+        montage_rows.append((tag, scans.images[0], cf[0], truth_images[0]))
+        oracle_bars.append((tag, entry["oracle"]))
+        print(f"{tag}: MAE to truth {entry['oracle']['counterfactual_vs_truth']['mae']:.4f} "
+              f"(input {entry['oracle']['input_vs_truth']['mae']:.4f})")  # fmt: skip
+    return entries, montage_rows, oracle_bars
+
+
+def _oracle_truth(run: _Run, records, target_records, staged: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The oracle's exact counterfactual images and label maps of `records` under `target_records`."""
     truths = [
-        load_truth(cohort_dir, r, requested_changes(encoder, r, t), transform, staged / "truth", image_size)
+        load_truth(
+            run.cohort_dir, r, requested_changes(run.encoder, r, t), run.transform, staged / "truth", run.image_size
+        )
         for r, t in zip(records, target_records)
     ]
-    truth_images = torch.stack([t[0] for t in truths])
-    truth_labels = torch.stack([t[1] for t in truths])
-    images = scans.images
-    cf = run_counterfactuals(inferer, network, images, scans.source, target_conditions, batch_size)
+    return torch.stack([t[0] for t in truths]), torch.stack([t[1] for t in truths])
+
+
+def _score_intervention(
+    run: _Run, scans: _Scans, spec, target_records, staged: Path, axioms: bool
+) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """One intervention's scores (oracle, volumes, effectiveness, minimality, realism, reversibility), cf and truth."""
+    records, images, encoder = scans.records, scans.images, run.encoder
+    target_conditions = run.conditions(target_records)
+    truth_images, truth_labels = _oracle_truth(run, records, target_records, staged)
+    cf = run.counterfactuals(images, scans.source, target_conditions)
     rows_cf = E.decode_predictions(encoder, E.predict(scans.predictor, cf))
     rows_truth = E.decode_predictions(encoder, E.predict(scans.predictor, truth_images))
     changed = sorted({k for r, t in zip(records, target_records) for k in requested_changes(encoder, r, t)})
@@ -325,7 +364,9 @@ def _score_intervention(
             "input_vs_truth": similarity(images, truth_images),
             "reconstruction_vs_truth": similarity(scans.recon, truth_images),
         },
-        "volumes": volume_scores(scans.segmenter, spatial_dims, spacing, cf, truth_images, truth_labels, images),
+        "volumes": volume_scores(
+            scans.segmenter, run.spatial_dims, run.spacing, cf, truth_images, truth_labels, images
+        ),
         "effectiveness": effectiveness_scores(encoder, readings, target_records, changed),
         "minimality": minimality_scores(
             encoder, rows_cf, scans.rows_recon, scans.rows_input, kept, cf, images, truth_images, scans.recon
@@ -333,24 +374,41 @@ def _score_intervention(
         "realism": {"counterfactual": scans.realism(cf), "truth": scans.realism(truth_images)},
     }
     if axioms:
-        back = run_counterfactuals(inferer, network, cf, target_conditions, scans.source, batch_size)
+        back = run.counterfactuals(cf, target_conditions, scans.source)
         entry["reversibility"] = {"counterfactual_vs_input": similarity(back, images)}
     return entry, cf, truth_images
 
 
-def _utility(scans: _Scans, network, scheduler, inferer, encoder, transform, datalist, image_size,
-             predictor_channels, spatial_dims, utility) -> dict[str, Any]:  # fmt: skip
+def _utility(run: _Run, scans: _Scans, scheduler, datalist, predictor_channels, utility) -> dict[str, Any]:
     """The paper's utility test, with the realism of the sampled images."""
     train_records = load_datalist(datalist, "training")[: int(utility["num_samples"])]
-    real_train = E.load_cohort_split(datalist, "training", encoder, transform, image_size, False,
+    real_train = E.load_cohort_split(datalist, "training", run.encoder, run.transform, run.image_size, False,
                                      int(utility["num_samples"]))["images"]  # fmt: skip
-    utility_settings = {"drift": inferer.resolve_drift(network), "precision": inferer.precision, **utility}
+    utility_settings = {"drift": run.inferer.resolve_drift(run.network), "precision": run.inferer.precision, **utility}
     scores, synthetic = utility_scores(
-        network, scheduler, encoder, predictor_channels, spatial_dims, train_records, scans.held_out, real_train,
-        utility_settings,
+        run.network, scheduler, run.encoder, predictor_channels, run.spatial_dims, train_records, scans.held_out,
+        real_train, utility_settings,
     )  # fmt: skip
     scores["realism_of_samples"] = scans.realism(synthetic)
     return scores
+
+
+def _evaluators_entry(evaluator_dir, evaluator_report: Mapping[str, Any]) -> dict[str, Any]:
+    """Where the evaluators came from and their own held-out scores."""
+    return {"dir": str(evaluator_dir), "held_out": {
+        "predictor": evaluator_report["predictor"]["held_out"],
+        "segmenter": evaluator_report["segmenter"]["held_out"]}}  # fmt: skip
+
+
+def _settings_entry(scans: _Scans, datalist, datalist_key, cohort_dir, reference_datalist, reference_key, axioms,
+                    settings) -> dict[str, Any]:  # fmt: skip
+    """The report's settings: the data scored, the reference, the axioms switch and the caller's `settings`."""
+    return {
+        "datalist": str(datalist), "datalist_key": datalist_key, "cohort_dir": str(cohort_dir),
+        "num_records": len(scans.records), "num_reference": len(scans.reference["records"]),
+        "reference_datalist": str(reference_datalist), "reference_key": reference_key,
+        "axioms": bool(axioms), "unchanged_tolerance": UNCHANGED_TOLERANCE, **dict(settings or {}),
+    }  # fmt: skip
 
 
 def _write(staged: Path, report: Mapping[str, Any], montage_rows, oracle_bars) -> None:
