@@ -119,25 +119,41 @@ def render_chest(
         raise TypeError(f"u must be a ChestExogenous, got {type(u).__name__}.")
     shape = check_shape(shape, 2, DEFAULT_CHEST_SHAPE)
     cov = check_chest_covariates(covariates)
-    spacing = CHEST_FIELD_OF_VIEW_MM / max(shape)
-    rows, cols = mm_grid(shape, spacing)
-    scale = CHEST_SEX_LINEAR_SCALE[cov["sex"]] * u.size_scale
-    x = cols / np.float32(scale)
-    y = -rows / np.float32(scale * u.aspect)
-    px = spacing / scale  # pixel size in the reference frame
+    x, y, px = _reference_frame(u, cov["sex"], shape)
     g = _chest_anatomy(u, cov)
     body, soft = _body(x, y, g, px)
     diaphragm, cavity, cavity_half_width = _thoracic_cavity(x, y, g)
     heart, right_lung, left_lung = _heart_and_lungs(x, y, g, cavity)
     air = _air(x, y, g, px, u.vessel_seed, body, diaphragm, cavity, heart, right_lung, left_lung)
-    lung_cov = np.maximum(coverage(right_lung, px), coverage(left_lung, px))
-    fluid = _effusion(x, y, g, u, shape) if cov["effusion"] else np.zeros(shape, np.float32)
-    consolidation = _opacity(x, y, g, u, lung_cov) if cov["opacity"] else np.zeros(shape, np.float32)
+    fluid, consolidation = _findings(x, y, g, u, cov, shape, px, right_lung, left_lung)
     air *= 1.0 - np.maximum(fluid * 0.9, consolidation * 0.75)
     bone = _bones(x, y, u, cov["age"], px, cavity_half_width, body)
     breast = _breasts(x, y, shape) if cov["sex"] == "F" else np.zeros(shape, np.float32)
     image = _project(soft, air, breast, bone, u, shape)
-    # Labels (priority: effusion/opacity > heart > lungs > bone > soft tissue).
+    label = _labels(shape, y, body, bone, diaphragm, heart, right_lung, left_lung, consolidation, fluid)
+    return image.astype(np.float32), label
+
+
+def _reference_frame(u: ChestExogenous, sex: str, shape) -> tuple[np.ndarray, np.ndarray, float]:
+    """The pixel grid in the subject's reference-size frame (mm, x towards the patient's left, y up) and pixel size."""
+    spacing = CHEST_FIELD_OF_VIEW_MM / max(shape)
+    rows, cols = mm_grid(shape, spacing)
+    scale = CHEST_SEX_LINEAR_SCALE[sex] * u.size_scale
+    x = cols / np.float32(scale)
+    y = -rows / np.float32(scale * u.aspect)
+    return x, y, spacing / scale
+
+
+def _findings(x, y, g, u: ChestExogenous, cov, shape, px, right_lung, left_lung) -> tuple[np.ndarray, np.ndarray]:
+    """The pleural fluid and the consolidation (zero where the covariates say absent)."""
+    lung_cov = np.maximum(coverage(right_lung, px), coverage(left_lung, px))
+    fluid = _effusion(x, y, g, u, shape) if cov["effusion"] else np.zeros(shape, np.float32)
+    consolidation = _opacity(x, y, g, u, lung_cov) if cov["opacity"] else np.zeros(shape, np.float32)
+    return fluid, consolidation
+
+
+def _labels(shape, y, body, bone, diaphragm, heart, right_lung, left_lung, consolidation, fluid) -> np.ndarray:
+    """The label map, by priority: effusion/opacity > heart > lungs > bone > soft tissue."""
     label = np.zeros(shape, np.uint8)
     label[body < 0] = CHEST_LABELS["soft_tissue"]
     label[(bone > 6.0) & (body < 0)] = CHEST_LABELS["bone"]
@@ -147,7 +163,7 @@ def render_chest(
     in_lung = (right_lung < 0) | (left_lung < 0)
     label[in_lung & (consolidation > 0.5)] = CHEST_LABELS["opacity"]
     label[in_lung & (fluid > 0.5)] = CHEST_LABELS["effusion"]
-    return image.astype(np.float32), label
+    return label
 
 
 def _body(x, y, g, px) -> tuple[np.ndarray, np.ndarray]:

@@ -164,34 +164,12 @@ def generate_cohort(
     output_dir = os.path.abspath(os.fspath(output_dir))
     os.makedirs(output_dir, exist_ok=True)
     extras = _anatomy_record(anatomy, output_dir)
-
-    rng = np.random.default_rng(seed)
+    grid = {"shape": shape, "spacing": spacing, "profile": profile, "anatomy": anatomy}
     subjects = [f"sub-{i + 1:04d}" for i in range(int(num_subjects))]
-    records: dict[str, list[dict[str, Any]]] = {}
-    progress = _progress(subjects, f"{modality} cohort ({anatomy})", int(num_subjects) * int(visits_per_subject))
-    for subject in progress:
-        subject_rng = np.random.default_rng(rng.integers(0, 2**63 - 1))
-        u = _sample_u(modality, anatomy, subject_rng)
-        sample_visits = _sample_brain_visits if modality == "brain" else _sample_chest_visits
-        visits = sample_visits(subject_rng, int(visits_per_subject))
-        grid = {"shape": shape, "spacing": spacing, "profile": profile, "anatomy": anatomy}
-        records[subject] = _write_cohort_subject(output_dir, modality, subject, u, visits, grid, extras)
+    records = _write_cohort_subjects(output_dir, modality, subjects, int(visits_per_subject), grid, extras, seed)
     datalist = _split_by_subject(subjects, records, val_fraction, seed)
-    _write_json(
-        os.path.join(output_dir, "cohort.json"),
-        {
-            "modality": modality,
-            "num_subjects": int(num_subjects),
-            "visits_per_subject": int(visits_per_subject),
-            "shape": list(shape),
-            "spacing": spacing,
-            "seed": int(seed),
-            "profile": profile,
-            "labels": BRAIN_LABELS if modality == "brain" else CHEST_LABELS,
-            "mechanisms": _mechanisms(modality),
-            **extras,
-        },
-    )
+    counts = {"num_subjects": int(num_subjects), "visits_per_subject": int(visits_per_subject)}
+    _write_cohort_summary(output_dir, modality, counts, grid, int(seed), extras)
     datalist_path = os.path.join(output_dir, "datalist.json")
     _write_json(datalist_path, datalist)
     return datalist_path
@@ -212,6 +190,44 @@ def _checked_counts(modality: str, num_subjects, visits_per_subject, val_fractio
     if spacing is not None and modality != "brain":
         raise ValueError("spacing applies to brain volumes only; leave it null for chest and choose shape.")
     return visits_per_subject
+
+
+def _write_cohort_subjects(
+    output_dir: str, modality: str, subjects: list[str], visits_per_subject: int, grid: dict, extras: dict, seed
+) -> dict[str, list[dict[str, Any]]]:
+    """Draw every subject's exogenous factors and visits from ``seed`` and write them; return records per subject."""
+    anatomy = grid["anatomy"]
+    rng = np.random.default_rng(seed)
+    records: dict[str, list[dict[str, Any]]] = {}
+    progress = _progress(subjects, f"{modality} cohort ({anatomy})", len(subjects) * visits_per_subject)
+    for subject in progress:
+        subject_rng = np.random.default_rng(rng.integers(0, 2**63 - 1))
+        u = _sample_u(modality, anatomy, subject_rng)
+        sample_visits = _sample_brain_visits if modality == "brain" else _sample_chest_visits
+        visits = sample_visits(subject_rng, visits_per_subject)
+        records[subject] = _write_cohort_subject(output_dir, modality, subject, u, visits, grid, extras)
+    return records
+
+
+def _write_cohort_summary(
+    output_dir: str, modality: str, counts: Mapping[str, int], grid: Mapping[str, Any], seed: int, extras: dict
+) -> None:
+    """Write ``cohort.json``: the generator settings, the label ids and the causal constants of the modality."""
+    _write_json(
+        os.path.join(output_dir, "cohort.json"),
+        {
+            "modality": modality,
+            "num_subjects": counts["num_subjects"],
+            "visits_per_subject": counts["visits_per_subject"],
+            "shape": list(grid["shape"]),
+            "spacing": grid["spacing"],
+            "seed": seed,
+            "profile": grid["profile"],
+            "labels": BRAIN_LABELS if modality == "brain" else CHEST_LABELS,
+            "mechanisms": _mechanisms(modality),
+            **extras,
+        },
+    )
 
 
 def _write_cohort_subject(
