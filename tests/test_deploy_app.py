@@ -19,7 +19,7 @@ pytest.importorskip("monai.deploy")
 pytestmark = pytest.mark.deploy
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
-APP = BUNDLE_ROOT / "scripts" / "deploy_app" / "app.py"
+APP = BUNDLE_ROOT / "scripts" / "apps" / "deploy_app" / "app.py"
 SAMPLE = BUNDLE_ROOT / "docs" / "samples" / "brain" / "images" / "sample_visit-0.nii.gz"
 SOURCE = "{'age': 65, 'sex': 'F', 'diagnosis': 'CN'}"
 TARGET = "{'age': 85, 'diagnosis': 'AD'}"

@@ -27,7 +27,7 @@ from requests_toolbelt.multipart.decoder import MultipartDecoder  # noqa: E402
 
 pytestmark = pytest.mark.monailabel
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
-APP_DIR = BUNDLE_ROOT / "scripts" / "monailabel_app"
+APP_DIR = BUNDLE_ROOT / "scripts" / "apps" / "monailabel_app"
 SAMPLE = BUNDLE_ROOT / "docs" / "samples" / "brain" / "images" / "sample_visit-0.nii.gz"
 SAMPLE_LABELS = BUNDLE_ROOT / "docs" / "samples" / "brain" / "labels" / "sample_visit-0.nii.gz"
 SOURCE = {"age": 65, "sex": "F", "diagnosis": "CN"}  # the sample's covariates (docs/samples/brain/exogenous)

@@ -31,7 +31,7 @@ class LatentDriftCounterfactualApp(MONAILabelApp):
 
     def __init__(self, app_dir: str, studies: str, conf: Mapping[str, str]) -> None:
         conf = dict(conf or {})
-        default_root = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir)
+        default_root = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, os.pardir)
         self.bundle_root = os.path.realpath(conf.get("bundle_root") or default_root)
         self.models = [name.strip() for name in conf.get("models", ",".join(PRESETS)).split(",") if name.strip()]
         unknown = sorted(set(self.models) - set(PRESETS))
