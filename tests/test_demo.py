@@ -60,6 +60,17 @@ def test_cardiomegaly_brightens_the_rim_the_oracle_adds_to_the_heart(demo):
     assert demo["result"][rim].mean() > demo["source"][rim].mean() + 0.05
 
 
+def test_chest_counterfactual_reaches_half_the_true_change_and_beats_doing_nothing(demo):
+    # docs/demo.md: effusion 0.69 and heart rim 0.99 of the true change; MAE to the truth 0.82x the input's
+    (record,) = (demo["root"] / "out").glob("*_record.json")
+    oracle = compare_to_oracle(str(record), str(SAMPLE), "sample")
+    for region in ("effusion_region", "heart_growth_rim"):
+        r = oracle["regions"][region]
+        assert (r["counterfactual"] - r["input"]) >= 0.5 * (r["truth"] - r["input"]), (region, r)
+    mae = oracle["mae_to_truth"]
+    assert mae["counterfactual"] < mae["input"], mae
+
+
 def test_same_seed_gives_the_same_counterfactual(demo, bundle_cli):
     again = counterfactual(bundle_cli, demo["root"] / "again")
     assert np.array_equal(again, demo["result"])
