@@ -47,7 +47,7 @@ def test_designs_and_the_default_composition_are_checked_before_any_work(tmp_pat
         with pytest.raises(ValueError, match="designs"):
             conditioning.check_designs(bad)
     assert conditioning.default_variant(["configs/inference.json", "configs/chest_xray_2d.json"]) == (
-        "reconstruction+mask@0.5"
+        "reconstruction+mask@4"
     )
     with pytest.raises(ValueError, match="designs"):
         conditioning.compare_conditioning(
