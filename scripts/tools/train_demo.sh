@@ -11,7 +11,8 @@ if [[ "$which" == chest || "$which" == all ]]; then
     run training --config_file "['configs/common.json','configs/chest_xray_2d.json','configs/train_autoencoder.json']" \
         --batch_size 8 --max_epochs 25 --val_interval 5 --adversarial_weight 0 --resume False
     run training --config_file "['configs/common.json','configs/chest_xray_2d.json','configs/train_diffusion.json']" \
-        --batch_size 16 --learning_rate 0.0002 --max_epochs 60 --val_interval 10 --sample_every_epochs 20 --resume False
+        --batch_size 16 --learning_rate 0.0003 --max_epochs 240 \
+        --val_interval 40 --sample_every_epochs 120 --resume False
 fi
 if [[ "$which" == brain || "$which" == all ]]; then
     run generate --config_file configs/generate_cohort.json --modality brain --num_subjects 60 --seed 0
