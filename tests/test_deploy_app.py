@@ -134,7 +134,7 @@ def test_nifti_outputs_and_record(nifti_run):
 def test_dicom_input_gives_nifti_in_the_series_geometry(dicom_run):
     series, affine, output = dicom_run
     result = nib.load(str(output / "T1_sample_counterfactual.nii.gz"))
-    assert result.shape == (64, 64, 64)
+    assert result.shape == (64, 80, 64)
     np.testing.assert_allclose(result.affine, affine, atol=1e-4)
     difference = nib.load(str(output / "T1_sample_difference.nii.gz"))
     assert difference.shape == result.shape and np.isfinite(np.asarray(difference.dataobj)).all()

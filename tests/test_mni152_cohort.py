@@ -20,7 +20,7 @@ from scripts.cohort import mni152 as cohort_mni152
 from scripts.cohort import mni152_template, render
 from scripts.cohort.oracle import compare_to_oracle
 
-SAMPLE = Path(__file__).resolve().parents[1] / "docs" / "samples" / "brain_mni152"
+SAMPLE = Path(__file__).resolve().parents[1] / "docs" / "samples" / "brain"
 
 # Volumes on a cropped 2 mm grid around the ventricles and hippocampi (80 x 96 x 80 mm, centred on the brain): a
 # hippocampal pair is ~700 voxels there, so a 10-year volume ratio is measured to a few % (at 4 mm it is ~90 voxels).

@@ -117,7 +117,7 @@ def test_ckpt_export_on_inference_json_alone_exports_the_shipped_brain_weights(t
         sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(exported),
         "--ckpt_file", "models/model.pt", "--meta_file", "configs/metadata.json",
         "--config_file", "configs/inference.json", "--key_in_ckpt", "state_dict",
-        "--use_trace", "true", "--input_shape", "[1,1,64,64,64]",
+        "--use_trace", "true", "--input_shape", "[1,1,64,80,64]",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     traced = torch.jit.load(str(exported))
@@ -125,7 +125,7 @@ def test_ckpt_export_on_inference_json_alone_exports_the_shipped_brain_weights(t
     parser.read_config(str(ROOT / "configs" / "inference.json"))
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(read_weights(ROOT / "models" / "model.pt")[0])
-    image = torch.rand(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(0))
+    image = torch.rand(1, 1, 64, 80, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(traced(image), network.eval()(image), atol=1e-4, rtol=1e-4)
 
