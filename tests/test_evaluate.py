@@ -265,6 +265,7 @@ def test_compositions_run_scores_every_variant_and_recommends_one(chest_cohort, 
         assert scores["mae_to_truth"] > 0 and "effusion_accuracy" in scores["effectiveness"]
     assert 0 <= table["reference+mask@1"]["mask_dice"] <= 1
     assert report["recommended"]["variant"] in report["recommended"]["eligible"]
+    assert "autoencoder_ceiling" in table and "autoencoder_ceiling" not in report["recommended"]["eligible"]
     directions = [tag for tag in report["interventions"] if tag.startswith("effusion=flip [")]
     assert directions, "a flip over scans with and without the finding is also scored per direction"
 
@@ -285,3 +286,28 @@ def test_composition_scores_are_perfect_for_the_truth_and_zero_for_doing_nothing
     assert nothing["mask_dice"] == pytest.approx(1.0) and nothing["mae_where_unchanged"] == 0.0
     wrong_way = oracle_scores(images - (truth - images), images, truth, changed, None)
     assert wrong_way["share_of_true_change"] == pytest.approx(-1.0) and wrong_way["gain_over_doing_nothing"] < 0
+
+
+def test_autoencoder_ceiling_is_the_truth_for_a_lossless_autoencoder_and_blind_to_a_constant_one():
+    from scripts.evaluation.compositions import autoencoder_ceiling
+    from scripts.evaluation.metrics import oracle_scores
+
+    class Codec(torch.nn.Module):
+        def __init__(self, lossless: bool) -> None:
+            super().__init__()
+            self.lossless, self.weight = lossless, torch.nn.Parameter(torch.zeros(1))
+
+        def encode(self, x):
+            return x if self.lossless else torch.zeros_like(x)
+
+        def decode(self, z):
+            return z + 0.5 * (not self.lossless)
+
+    images = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 0.5
+    truth = images.clone()
+    truth[..., 2:6, 3:9] += 0.3
+    changed = (truth - images).abs() > 0.02
+    exact = autoencoder_ceiling(Codec(True), images, truth, 2, "fp32")
+    assert oracle_scores(exact, images, truth, changed, None)["share_of_true_change"] == pytest.approx(1.0)
+    blind = autoencoder_ceiling(Codec(False), images, truth, 2, "fp32")
+    assert torch.equal(blind, images), "an autoencoder that renders every image alike carries none of the change"

@@ -24,6 +24,7 @@ from scripts.evaluation.evaluate import (
     intervention_tag,
     load_truth,
     requested_changes,
+    reconstruct,
     run_counterfactuals,
 )
 from scripts.evaluation.metrics import UNCHANGED_TOLERANCE, effectiveness_scores, oracle_scores
@@ -34,6 +35,16 @@ from scripts.io.files import staged_folder
 COMPOSITION_VARIANTS = (
     ("none", False), ("reconstruction", False), ("reference", False), ("reconstruction", True), ("reference", True),
 )  # fmt: skip
+# Not a composition a user can pick: the input plus the autoencoder's own rendering of the true change,
+# x + D(E(x*)) - D(E(x)). It reads the truth, so it is the most any latent model with these autoencoder weights
+# can show, and it never enters the recommendation.
+CEILING = "autoencoder_ceiling"
+
+
+def autoencoder_ceiling(network: Any, images: torch.Tensor, truth: torch.Tensor, batch_size: int, precision: str):
+    """The input plus the autoencoder's rendering of the true change, x + D(E(x*)) - D(E(x)), clamped to [0, 1]."""
+    change = reconstruct(network, truth, batch_size, precision) - reconstruct(network, images, batch_size, precision)
+    return (images + change).clamp(0, 1)
 
 
 def score_compositions(
@@ -151,6 +162,9 @@ def compare_compositions(
             table = score_compositions(
                 inferer, network, images, source, target, truth, batch_size, mask_thresholds, outputs
             )
+            outputs[CEILING] = autoencoder_ceiling(network, images, truth, batch_size, inferer.precision)
+            changed = (truth - images).abs() > UNCHANGED_TOLERANCE
+            table[CEILING] = oracle_scores(outputs[CEILING], images, truth, changed, None)
             readings = {}
             if predictor is not None:
                 readings = {
@@ -192,7 +206,7 @@ def _add_effectiveness(table, encoder, readings, records, targets, indices) -> N
 
 
 def _recommended(tables: Mapping[str, Mapping[str, Mapping[str, float]]], min_share_kept: float) -> dict[str, Any]:
-    names = list(next(iter(tables.values())))
+    names = [name for name in next(iter(tables.values())) if name != CEILING]
     first = next(iter(tables.values()))
     mean = {n: {k: float(np.mean([t[n][k] for t in tables.values()])) for k, v in first[n].items()
                 if isinstance(v, float)} for n in names}  # fmt: skip

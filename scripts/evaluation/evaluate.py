@@ -156,7 +156,7 @@ def run_counterfactuals(inferer, network, images, source, target, batch_size: in
 
 
 @torch.inference_mode()
-def _reconstruct(network, images: torch.Tensor, batch_size: int, precision: str) -> torch.Tensor:
+def reconstruct(network, images: torch.Tensor, batch_size: int, precision: str) -> torch.Tensor:
     """The autoencoder's reconstructions of `images` (decode(encode(x))), clamped to [0, 1]."""
     device = next(network.parameters()).device
     out = []
@@ -290,7 +290,7 @@ class _Scans:
         )
         images = held_out["images"]
         source = run.conditions(records)
-        recon = _reconstruct(run.network, images, run.batch_size, run.inferer.precision)
+        recon = reconstruct(run.network, images, run.batch_size, run.inferer.precision)
         reference_features = E.features(predictor, reference["images"])
         rows_input = E.decode_predictions(encoder, E.predict(predictor, images))
         rows_recon = E.decode_predictions(encoder, E.predict(predictor, recon))

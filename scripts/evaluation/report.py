@@ -94,7 +94,8 @@ def compositions_markdown(report: Mapping[str, Any]) -> str:
              f"{report['settings']['num_records']} scans of `{report['settings']['datalist_key']}`; "
              f"recommended: **{report['recommended']['variant']}** (highest mean gain over doing nothing among the "
              f"variants keeping >= {report['settings']['min_share_kept']:g}x the raw decode's share of the true "
-             "change).", "",
+             "change). `autoencoder_ceiling` is not a choice: it adds the autoencoder's rendering of the true change "
+             "to the input (x + D(E(x*)) - D(E(x))), the most any model on these autoencoder weights can show.", "",
              "| intervention | variant | MAE to truth | gain over doing nothing | MAE where unchanged | share of true "
              "change | mask Dice | mask fraction | effectiveness |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
