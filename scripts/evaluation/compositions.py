@@ -23,8 +23,8 @@ from scripts.evaluation.evaluate import (
     check_cohort,
     intervention_tag,
     load_truth,
-    requested_changes,
     reconstruct,
+    requested_changes,
     run_counterfactuals,
 )
 from scripts.evaluation.metrics import UNCHANGED_TOLERANCE, effectiveness_scores, oracle_scores
