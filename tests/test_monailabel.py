@@ -80,7 +80,7 @@ def test_options_are_target_covariates_and_bundle_parameters(app):
     config = app.info()["models"]["counterfactual_brain"]["config"]
     assert config["target_age"] == 85 and config["target_diagnosis"][0] == "AD"  # the bundle config's target
     assert config["target_sex"] == ["source", "F", "M"]  # a choice; "source" keeps the scan's own value
-    assert config["strength"] == 0.8 and config["inference_delta"] is None and config["guidance_scale"] == 3.0
+    assert config["strength"] == 1.0 and config["inference_delta"] is None and config["guidance_scale"] == 3.0
     assert {"num_inference_steps", "seed", "num_samples"} <= set(config)
 
 
