@@ -99,8 +99,11 @@ def test_brain_counterfactual_is_a_nifti_on_the_input_grid(brain):
     assert brain["record"]["drift"] == {"delta": pytest.approx(0.1), "schedule": "paper", "delta_from": "weights"}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: the MNI152 brain weights do not grow the ventricles yet (rim "
-                   "0.7435 -> 0.7437, docs/demo.md); strict, so the bound returns to force once they do")
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 14: the MNI152 brain weights do not grow the ventricles yet (rim "
+    "0.7435 -> 0.7437, docs/demo.md); strict, so the bound returns to force once they do",
+)
 def test_older_with_ad_darkens_the_rim_the_oracle_adds_to_the_ventricles(brain):
     # T1: CSF is dark; the oracle's ventricles at 85 with AD cover voxels that were tissue at 65
     rim = brain["oracle"]["regions"]["ventricle_growth_rim"]
