@@ -365,6 +365,51 @@ def test_the_paired_overlay_adds_the_source_latent_to_every_design():
     assert network.denoiser.unet.in_channels == 2 * 3 + 2 * encoder.size
 
 
+@pytest.mark.parametrize("conditioning", DESIGNS, ids=["+".join(d) for d in DESIGNS])
+def test_a_paired_model_warm_started_from_unpaired_weights_starts_as_the_unpaired_one(conditioning, tmp_path):
+    from scripts.io.weights import save_weights
+    from scripts.training.warm_start import warm_start_paired
+
+    torch.manual_seed(0)
+    unpaired, encoder = configured_network(conditioning)
+    for parameter in unpaired.denoiser.parameters():  # MONAI zero-initialises the output convolution
+        if not parameter.any():
+            nn.init.normal_(parameter, std=0.5)
+    unpaired.scale_factor.fill_(0.7)
+    save_weights(tmp_path / "model.pt", unpaired, {"paired": False, "network": {"conditioning": conditioning}})
+    paired, _ = configured_network(conditioning, paired=True)
+    warm_start_paired(paired, str(tmp_path / "model.pt"))
+    assert float(paired.scale_factor) == pytest.approx(0.7)
+    latent, source = torch.randn(2, 2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    old = encoder.encode({"age": 40, "sex": "F", "cardiomegaly": 0, "effusion": 0}).reshape(1, 1, -1).float()
+    ill = encoder.encode({"age": 80, "sex": "M", "cardiomegaly": 1, "effusion": 1}).reshape(1, 1, -1).float()
+    timesteps = torch.tensor([300, 700])
+    with torch.no_grad():
+        expected = unpaired.denoiser(latent, timesteps, torch.cat([old, ill]))
+        same = paired.denoiser(torch.cat([latent, source], 1), timesteps, torch.cat([old, ill]).repeat(1, 1, 2))
+    torch.testing.assert_close(same, expected, rtol=1e-3, atol=1e-4)  # c_source = c_target: the unpaired one
+    with torch.no_grad():
+        changed = paired.denoiser(torch.cat([latent, source], 1), timesteps, torch.cat([ill, old]).repeat(1, 1, 2))
+    assert not torch.allclose(changed, expected, atol=1e-5), "the target covariates must still be heard"
+
+
+def test_a_warm_start_names_weights_of_another_design(tmp_path):
+    from scripts.io.weights import save_weights
+    from scripts.training.warm_start import warm_start_paired
+
+    unpaired, _ = configured_network(["cross_attention"])
+    save_weights(tmp_path / "model.pt", unpaired, {"paired": False, "network": {"conditioning": ["cross_attention"]}})
+    with pytest.raises(ValueError, match="not paired; add configs/paired.json"):
+        warm_start_paired(unpaired, str(tmp_path / "model.pt"))
+    paired, _ = configured_network(["timestep_embedding"], paired=True)
+    with pytest.raises(ValueError, match="model.pt: unpaired weights trained with conditioning"):
+        warm_start_paired(paired, str(tmp_path / "model.pt"))
+    paired, _ = configured_network(["cross_attention"], paired=True)
+    save_weights(tmp_path / "paired.pt", paired, {"paired": True})
+    with pytest.raises(ValueError, match="already a paired model"):
+        warm_start_paired(paired, str(tmp_path / "paired.pt"))
+
+
 def test_a_conditioning_the_unet_was_not_built_for_is_named():
     with pytest.raises(ValueError, match="num_class_embeds"):
         ConditionedUNet(unet(), CONDITION_SIZE, CONTEXT_DIM, conditioning=["timestep_embedding"])

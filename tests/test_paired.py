@@ -299,6 +299,21 @@ def test_paired_training_cli_end_to_end(tmp_path, bundle_cli):
     history = json.loads((tmp_path / "runs" / "paired" / "loss_history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2, 3]
 
+    # configs/paired_warm_start.json starts a paired run from unpaired weights (their scale factor kept)
+    bundle_cli("training", ["common.json", "brain_mri_3d.json", "train_diffusion.json"], *common, "--max_epochs", "1")
+    unpaired = read_weights(tmp_path / "models" / "model.pt")[0]
+    warm = tmp_path / "models" / "paired_warm.pt"
+    bundle_cli(
+        "training", [*paired, "paired_warm_start.json"], *common, "--max_epochs", "1",
+        "--model_path", str(warm), "--run_dir", str(tmp_path / "runs" / "paired_warm"),
+    )  # fmt: skip
+    started = read_weights(warm)[0]
+    assert float(started["scale_factor"]) == float(unpaired["scale_factor"])
+    assert (
+        started["denoiser.unet.conv_in.conv.weight"].shape[1]
+        == 2 * unpaired["denoiser.unet.conv_in.conv.weight"].shape[1]
+    )
+
     # the inference config with the same overlay runs the paired model: no inversion, source latent as input
     image = sorted((tmp_path / "cohort" / "images").glob("*.nii.gz"))[0]
     results = tmp_path / "paired_out"

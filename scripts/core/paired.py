@@ -11,6 +11,10 @@ The InstructPix2Pix analogue for longitudinal pairs (Brooks et al., CVPR 2023), 
 
 Classifier-free guidance training nulls both covariate vectors together (one `ConditionDropoutd` on both keys in
 the transform chain); the source latent is always given, so guidance acts on the covariates only.
+
+A paired model can start from unpaired weights of the same design (scripts/training/warm_start.py, configs/paired_warm_start.json),
+as InstructPix2Pix starts from a text-to-image model: the source channels of the first convolution start at zero and
+the source covariates start silent, so before any paired step the model is the unpaired one conditioned on c_target.
 """
 
 from __future__ import annotations

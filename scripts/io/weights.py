@@ -125,7 +125,7 @@ def load_weights(
             "replaced: download the bundle again, or point model_path to your own weights."
         )
     state, metadata = read_weights(path, checkpoint_key)
-    if (metadata or {}).get("paired") and not _is_paired(module):
+    if (metadata or {}).get("paired") and not is_paired(module):
         hint = "The file holds a paired (longitudinal) model: add configs/paired.json to the config files. " + hint
     trained_with = list(((metadata or {}).get("network") or {}).get("conditioning") or ["cross_attention"])
     built_with = list(getattr(getattr(module, "denoiser", None), "conditioning", trained_with))
@@ -145,7 +145,7 @@ def load_weights(
     return module
 
 
-def _is_paired(module: nn.Module) -> bool:
+def is_paired(module: nn.Module) -> bool:
     """Whether `module` is a LatentDriftModel whose denoiser takes the source latent as extra input channels."""
     denoiser = getattr(module, "denoiser", None)
     unet, autoencoder = getattr(denoiser, "unet", None), getattr(module, "autoencoder", None)
