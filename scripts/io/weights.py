@@ -127,7 +127,7 @@ def load_weights(
     state, metadata = read_weights(path, checkpoint_key)
     if (metadata or {}).get("paired") and not is_paired(module):
         hint = "The file holds a paired (longitudinal) model: add configs/paired.json to the config files. " + hint
-    trained_with = list(((metadata or {}).get("network") or {}).get("conditioning") or ["cross_attention"])
+    trained_with = trained_conditioning(metadata)
     built_with = list(getattr(getattr(module, "denoiser", None), "conditioning", trained_with))
     if trained_with != built_with:
         hint = (
@@ -143,6 +143,11 @@ def load_weights(
         module.drift = _weights_drift(module.drift, metadata["drift"], path)
     module.weights_info = {"path": str(path), "sha256": sha256, "metadata": metadata}
     return module
+
+
+def trained_conditioning(metadata: Mapping[str, Any] | None) -> list[str]:
+    """The conditioning design the weights' metadata records (files from before it was recorded: cross-attention)."""
+    return list(((metadata or {}).get("network") or {}).get("conditioning") or ["cross_attention"])
 
 
 def is_paired(module: nn.Module) -> bool:

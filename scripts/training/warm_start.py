@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from scripts.core.networks import LatentDriftModel
-from scripts.io.weights import is_paired, read_weights
+from scripts.io.weights import is_paired, read_weights, trained_conditioning
 
 
 def warm_start_paired(network: LatentDriftModel, path: str) -> LatentDriftModel:
@@ -31,7 +31,7 @@ def warm_start_paired(network: LatentDriftModel, path: str) -> LatentDriftModel:
     state, metadata = read_weights(path)
     if (metadata or {}).get("paired"):
         raise ValueError(f"{path}: already a paired model; resume it or set model_path instead of warm-starting.")
-    trained_with = list(((metadata or {}).get("network") or {}).get("conditioning") or ["cross_attention"])
+    trained_with = trained_conditioning(metadata)
     denoiser = network.denoiser
     if trained_with != list(denoiser.conditioning):
         raise ValueError(
