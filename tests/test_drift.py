@@ -155,6 +155,31 @@ def test_marginal_schedule_leaves_no_drift_at_the_end_of_a_linear_chain():
     torch.testing.assert_close(drifted, plain, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("schedule", ["paper", "marginal"])
+def test_a_chain_from_the_prior_ends_at_the_data_the_drifted_forward_process_started_from(schedule):
+    """
+    With the exact noise of the drifted forward process (an oracle ε_θ for one z_0), sampling from z_T = ε + δ
+    must end at z_0 whatever the weights' schedule: the paper's δ at each of 50 DDIM steps would compound far off it.
+    """
+    from types import SimpleNamespace
+
+    from scripts.core.sampling import sample_latents
+
+    scheduler, z0, delta = ddim(steps=50), torch.randn(1, 2, 4, 4), 0.1
+    alphas = scheduler.alphas_cumprod
+
+    def oracle(latent, timesteps, condition):
+        a = alphas[int(timesteps[0])]
+        return (latent - a**0.5 * z0) / (1 - a) ** 0.5 - delta
+
+    model = SimpleNamespace(denoiser=oracle)
+    noise, condition = torch.randn(1, 2, 4, 4), torch.zeros(1, 1, 3)
+    out = sample_latents(model, scheduler, noise, condition, drift=LatentDrift(delta, schedule), num_inference_steps=50)
+    torch.testing.assert_close(out, z0, rtol=1e-3, atol=1e-3)
+    assert LatentDrift(delta, schedule).for_prior_start().schedule == "marginal"
+    assert LatentDrift(0.0).for_prior_start().schedule == "paper"  # δ = 0: nothing to change, plain MONAI
+
+
 @pytest.mark.parametrize("bad", [[], [[0.1]], float("nan")])
 def test_bad_delta_is_refused_with_a_clear_message(bad):
     with pytest.raises(ValueError, match="drift delta"):

@@ -6,8 +6,10 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from scripts.core.covariates import CovariateEncoder
 from scripts.evaluation import evaluate, evaluators, metrics
@@ -257,7 +259,9 @@ def test_compositions_run_scores_every_variant_and_recommends_one(chest_cohort, 
         str(chest_cohort / "evaluators"), "--results_dir", str(out), "--num_records", "6", "--num_inference_steps", "3",
         "--interventions", "[{'effusion': 'flip'}]", "--mask_thresholds", "[1.0, 3.0]",
     )  # fmt: skip
-    assert sorted(p.name for p in out.iterdir()) == ["compositions.json", "compositions.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["autoencoder.png", "compositions.json", "compositions.md"]
+    picture = np.asarray(Image.open(out / "autoencoder.png"))  # 3 inputs over their reconstructions, 3x enlarged
+    assert picture.shape == (2 * 66 * 3, 3 * 66 * 3) and picture[: 66 * 3].std() > 0  # 64² images, 2 px gaps
     report = json.loads((out / "compositions.json").read_text())
     table = report["interventions"]["effusion=flip"]
     assert {"none", "reconstruction", "reference", "reference+mask@1", "reconstruction+mask@3"} <= set(table)

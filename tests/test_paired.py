@@ -185,11 +185,11 @@ def test_guidance_scale_one_equals_the_plain_conditional_chain(model, batch, sou
         guidance_scale=1.0, null_condition=encoder.null(), drift=drift, noise=noise,
     )  # fmt: skip
     condition = torch.cat([batch["condition_source"], batch["condition_target"]], -1)
-    latent = noise + 0.1
+    latent, from_prior = noise + 0.1, LatentDrift(0.1, "marginal")  # a chain from the prior runs the marginal schedule
     with torch.no_grad():
         for t in scheduler.timesteps:
             output = model.denoiser(torch.cat([latent, source_latent], 1), t.reshape(1).expand(2), condition)
-            latent = drift.step(scheduler, output, t, latent)
+            latent = from_prior.step(scheduler, output, t, latent)
     torch.testing.assert_close(guided, latent, rtol=0, atol=0)
 
 

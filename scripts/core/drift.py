@@ -10,7 +10,8 @@ is moved by δ_t (paper Eq. 4: p(z_{t-1} | z_t) = N(μ_θ(z_t, t, c) + δ, Σ_t)
     inversion       z_t     = step⁻¹(ε_θ, t, z_{t-1} - δ_t)             exact inverse of the DDIM step (η = 0)
 
 Drift schedules δ_t:
-    "paper":    δ_t = δ at every reverse step, as in the paper's Eq. 4.
+    "paper":    δ_t = δ at every reverse step, as in the paper's Eq. 4. Exact where an inversion undoes it (the
+                counterfactual chain); a chain from the prior runs "marginal" instead (`for_prior_start`).
     "marginal": δ_t = δ (sqrt(1 - ᾱ_{t-1}) - A_t sqrt(1 - ᾱ_t)), with A_t = ∂z_{t-1}/∂z_t of the scheduler step at a
                 fixed noise estimate. It keeps the drift carried by each reverse state equal to the drift
                 sqrt(1 - ᾱ_t) δ of the drifted forward marginal, so the chain ends at t = 0 with no residual offset
@@ -64,6 +65,14 @@ class LatentDrift(nn.Module):
 
     def extra_repr(self) -> str:
         return f"delta={self.delta.tolist()}, schedule={self.schedule!r}"
+
+    def for_prior_start(self) -> LatentDrift:
+        """
+        The drift a chain that starts from the prior z_T = ε + δ runs at: the "marginal" form of this δ. The paper's δ
+        at every step is exact where an inversion undoes it, but from the prior it compounds (each DDIM step scales an
+        offset by sqrt(ᾱ_{t-1} / ᾱ_t)) and drives the latent off the data the weights were trained on.
+        """
+        return self if self.is_zero or self.schedule == "marginal" else LatentDrift(self.delta.tolist(), "marginal")
 
     def broadcast(self, like: torch.Tensor) -> torch.Tensor:
         """δ shaped to add to a latent batch `like` of shape (B, C, *spatial)."""

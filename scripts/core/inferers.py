@@ -162,7 +162,7 @@ class CounterfactualInferer(Inferer):
     def describe_drift(self, network: LatentDriftModel) -> dict[str, Any]:
         """What the record says about the drift actually used, and where it came from."""
         drift = self.resolve_drift(network)
-        delta = drift.values
+        drift, delta = (drift.for_prior_start() if self.paired else drift), drift.values
         origin = "inference_delta" if self.override is not None else ("weights" if _has_metadata(network) else "config")
         return {"delta": delta, "schedule": drift.schedule, "delta_from": origin}
 

@@ -76,9 +76,10 @@ def sample_latents(
 ) -> torch.Tensor:
     """
     Drifted DDIM sampling from z_T = ε + δ down to z_0 under `condition` (B, 1, size); `source_latent` is the
-    paired mode's extra input (see `denoise_latents`).
+    paired mode's extra input (see `denoise_latents`). The chain runs `drift.for_prior_start()` (the marginal
+    schedule of the same δ).
     """
-    timesteps = set_inference_timesteps(scheduler, num_inference_steps)
+    timesteps, drift = set_inference_timesteps(scheduler, num_inference_steps), drift.for_prior_start()
     return denoise_latents(
         model, scheduler, drift.prior(noise), condition, timesteps, drift=drift, guidance_scale=guidance_scale,
         null_condition=null_condition, precision=precision, source_latent=source_latent, progress=progress,

@@ -28,7 +28,7 @@ from scripts.evaluation.evaluate import (
     run_counterfactuals,
 )
 from scripts.evaluation.metrics import UNCHANGED_TOLERANCE, effectiveness_scores, oracle_scores
-from scripts.evaluation.report import compositions_markdown
+from scripts.evaluation.report import compositions_markdown, reconstruction_montage
 from scripts.io.datalist import load_datalist
 from scripts.io.files import staged_folder
 
@@ -133,7 +133,8 @@ def compare_compositions(
     An intervention that moves a covariate both ways over the records (a "flip": adding and removing a finding) is
     also scored per direction. With trained evaluators in `evaluator_dir`, each variant's effectiveness is added
     (how often the covariate predictor reads the asked value; for age, its absolute error).
-    Writes compositions.json and compositions.md into `output_dir` (all or nothing).
+    Writes compositions.json, compositions.md and autoencoder.png (the first 3 inputs over their reconstructions:
+    what the frozen stage 1 keeps) into `output_dir` (all or nothing).
     """
     started = time.perf_counter()
     records = load_datalist(datalist, datalist_key)[:num_records]
@@ -146,6 +147,8 @@ def compare_compositions(
         predictor = E.load_evaluators(evaluator_dir, encoder, spatial_dims, predictor_channels, segmenter_channels)[0]
     source = torch.stack([encoder.encode(r).reshape(1, -1) for r in records]).float()
     with staged_folder(output_dir, prefix=".compositions.") as staged:
+        reconstructions = reconstruct(network, images[:3], batch_size, inferer.precision)
+        reconstruction_montage(staged / "autoencoder.png", images[:3], reconstructions)
         tables = {}
         for spec in interventions:
             targets = [apply_intervention(encoder, r, spec) for r in records]

@@ -122,6 +122,18 @@ def write_montage(path: Path, rows: Sequence[tuple]) -> None:
     Image.fromarray(picture).resize((picture.shape[1] * scale, picture.shape[0] * scale), Image.NEAREST).save(path)
 
 
+def reconstruction_montage(path: Path, images, reconstructions, scale: int = 3) -> None:
+    """Top: up to 3 inputs, bottom: the autoencoder's reconstructions of them (mid slices, intensities 0..1)."""
+    rows = []
+    for batch in (images, reconstructions):
+        views = [view for item in batch[:3] for view in mid_slices(item[0].numpy())]
+        height = max(view.shape[0] for view in views)
+        panels = [np.pad(np.clip(view, 0, 1), ((0, height - view.shape[0]), (0, 2))) for view in views]
+        rows.append(np.pad(np.concatenate(panels, 1), ((0, 2), (0, 0))))
+    picture = np.kron(np.concatenate(rows, 0), np.ones((scale, scale)))
+    Image.fromarray(np.round(picture * 255).astype(np.uint8)).save(path)
+
+
 def bar_plot(bars: Sequence[tuple[str, Mapping]], size: tuple[int, int] = (640, 360)) -> Image.Image:
     """MAE to the true counterfactual per intervention: input (grey), counterfactual (blue), reconstruction (green)."""
     picture = Image.new("RGB", size, "white")
