@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_overrides
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler
+from PIL import Image
 
 from scripts.core.drift import LatentDrift
 from scripts.core.inferers import CounterfactualInferer, compose, edit_mask
@@ -199,3 +200,33 @@ def test_the_inferer_runs_at_the_weights_drift_unless_told_otherwise():
 def test_unknown_composition_mask_or_schedule_settings_are_refused(arguments):
     with pytest.raises(ValueError):
         CounterfactualInferer(scheduler(), **arguments)
+
+
+def test_samples_of_a_non_cubic_volume_are_written_with_their_montage(tmp_path):
+    """configs/sample.json's writer on the brain grid's shape (64 x 80 x 64 has views of two heights)."""
+    from torch import nn
+
+    from scripts.core.covariates import CovariateEncoder
+    from scripts.io.writer import write_samples
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale, self.drift = nn.Parameter(torch.ones(())), LatentDrift(0.1)
+
+        def denoiser(self, latent, timesteps, condition):
+            return 0.1 * latent * self.scale
+
+        def decode(self, latent):
+            return torch.sigmoid(nn.functional.interpolate(latent[:, :1], scale_factor=4))
+
+    scheduler = DDIMScheduler(1000, schedule="scaled_linear_beta", clip_sample=False)
+    encoder = CovariateEncoder({"age": {"type": "continuous", "range": [40, 100]}})
+    files = write_samples(
+        Tiny(), scheduler, encoder, {"age": 70}, [2, 4, 5, 4], str(tmp_path / "samples"), num_samples=2,
+        num_inference_steps=3, guidance_scale=2.0, pixdim=[3.0, 3.0, 3.0],
+    )  # fmt: skip
+    assert [nib.load(f).shape for f in files] == [(16, 20, 16)] * 2
+    montage = np.asarray(Image.open(tmp_path / "samples" / "samples_montage.png"))
+    assert montage.shape == (2 * 20, 16 + 16 + 20 + 3 * 2) and montage.std() > 0  # views padded to the tallest
+    assert json.loads((tmp_path / "samples" / "samples_record.json").read_text())["num_samples"] == 2

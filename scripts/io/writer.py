@@ -224,8 +224,12 @@ def write_samples(
             else:
                 Image.fromarray((image[0].numpy().T * 255).astype(np.uint8)).save(staged / f"sample_{index}.png")
                 names.append(f"sample_{index}.png")
-        rows = [np.concatenate([(v * 255).astype(np.uint8) for v in mid_slices(im[0].numpy())], 1) for im in images]
-        Image.fromarray(np.concatenate(rows, 0)).save(staged / "samples_montage.png")
+        rows = []
+        for image in images:  # the three views side by side, each padded to the tallest (64 x 80 x 64 has two heights)
+            views = mid_slices(image[0].numpy())
+            height = max(view.shape[0] for view in views)
+            rows.append(np.concatenate([np.pad(view, ((0, height - view.shape[0]), (0, 2))) for view in views], 1))
+        Image.fromarray(np.round(np.concatenate(rows, 0) * 255).astype(np.uint8)).save(staged / "samples_montage.png")
         meta = {"covariates": record, "num_samples": num_samples, "num_inference_steps": num_inference_steps,
                 "guidance_scale": guidance_scale, "seed": seed, "files": names}  # fmt: skip
         (staged / "samples_record.json").write_text(json.dumps(meta, indent=4))
