@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from scripts.io.pictures import diverging, mid_slices
+from scripts.io.pictures import diverging, mid_slices, views_row
 
 # ----------------------------------------------------------------------------------------------------------------
 # Human views
@@ -124,12 +124,8 @@ def write_montage(path: Path, rows: Sequence[tuple]) -> None:
 
 def reconstruction_montage(path: Path, images, reconstructions, scale: int = 3) -> None:
     """Top: up to 3 inputs, bottom: the autoencoder's reconstructions of them (mid slices, intensities 0..1)."""
-    rows = []
-    for batch in (images, reconstructions):
-        views = [view for item in batch[:3] for view in mid_slices(item[0].numpy())]
-        height = max(view.shape[0] for view in views)
-        panels = [np.pad(np.clip(view, 0, 1), ((0, height - view.shape[0]), (0, 2))) for view in views]
-        rows.append(np.pad(np.concatenate(panels, 1), ((0, 2), (0, 0))))
+    rows = [np.pad(np.concatenate([views_row(item[0].clamp(0, 1).numpy()) for item in batch[:3]], 1), ((0, 2), (0, 0)))
+            for batch in (images, reconstructions)]  # fmt: skip
     picture = np.kron(np.concatenate(rows, 0), np.ones((scale, scale)))
     Image.fromarray(np.round(picture * 255).astype(np.uint8)).save(path)
 

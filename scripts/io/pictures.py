@@ -29,6 +29,13 @@ def mid_slices(volume: np.ndarray) -> list[np.ndarray]:
     return [np.flipud(volume[:, :, z].T), np.flipud(volume[:, y, :].T), np.flipud(volume[x, :, :].T)]
 
 
+def views_row(volume: np.ndarray) -> np.ndarray:
+    """`mid_slices` side by side with 2-pixel gaps, each padded at the bottom to the tallest (64x80x64: two heights)."""
+    views = mid_slices(volume)
+    height = max(view.shape[0] for view in views)
+    return np.concatenate([np.pad(view, ((0, height - view.shape[0]), (0, 2))) for view in views], 1)
+
+
 def counterfactual_montage(
     path: Path,
     original: torch.Tensor,

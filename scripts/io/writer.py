@@ -17,7 +17,7 @@ from scripts.core.covariates import CovariateEncoder, parse_covariates
 from scripts.io.files import staged_folder
 from scripts.io.inputs import TARGET_PREFIX, file_stem, load_scan
 from scripts.io.ood import out_of_distribution
-from scripts.io.pictures import counterfactual_montage, diverging, mid_slices
+from scripts.io.pictures import counterfactual_montage, diverging, views_row
 from scripts.io.results import ResultsFolder
 
 
@@ -224,11 +224,7 @@ def write_samples(
             else:
                 Image.fromarray((image[0].numpy().T * 255).astype(np.uint8)).save(staged / f"sample_{index}.png")
                 names.append(f"sample_{index}.png")
-        rows = []
-        for image in images:  # the three views side by side, each padded to the tallest (64 x 80 x 64 has two heights)
-            views = mid_slices(image[0].numpy())
-            height = max(view.shape[0] for view in views)
-            rows.append(np.concatenate([np.pad(view, ((0, height - view.shape[0]), (0, 2))) for view in views], 1))
+        rows = [views_row(image[0].numpy()) for image in images]
         Image.fromarray(np.round(np.concatenate(rows, 0) * 255).astype(np.uint8)).save(staged / "samples_montage.png")
         meta = {"covariates": record, "num_samples": num_samples, "num_inference_steps": num_inference_steps,
                 "guidance_scale": guidance_scale, "seed": seed, "files": names}  # fmt: skip
