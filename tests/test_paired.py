@@ -13,6 +13,7 @@ from monai.data import list_data_collate
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
+from scripts.core import inferers
 from scripts.core.covariates import CovariateEncoder, CovariateError
 from scripts.core.drift import LatentDrift
 from scripts.core.networks import ConditionedUNet, LatentDriftModel
@@ -21,6 +22,7 @@ from scripts.core.transforms import DriftNoised, EncodeLatentd
 from scripts.io.datalist import paired_datalist
 from scripts.io.weights import read_weights
 from scripts.training.engines import LatentDiffusionPrepareBatch
+from scripts.training.residual import LatentDifferenced, measure_residual_scale
 
 SCHEMA = {
     "age": {"type": "continuous", "range": [40, 100]},
@@ -213,6 +215,70 @@ def test_guidance_without_a_null_condition_is_an_error(model, batch, source_late
         )  # fmt: skip
 
 
+def residual_copy(model: LatentDriftModel, residual_scale: float) -> LatentDriftModel:
+    """`model` as a residual paired model (configs/paired_residual.json) with the given residual scale."""
+    residual = LatentDriftModel(model.autoencoder, model.denoiser, residual=True).eval()
+    residual.load_state_dict({**model.state_dict(), "residual_scale": torch.tensor(residual_scale)})
+    return residual
+
+
+def test_latent_difference_is_the_first_latent_minus_the_second():
+    sample = {"latent_target": torch.full((3, 4, 4, 4), 5.0), "latent_source": torch.full((3, 4, 4, 4), 2.0)}
+    out = LatentDifferenced(["latent_target", "latent_source"])(sample)
+    assert torch.equal(out["latent_residual"], torch.full((3, 4, 4, 4), 3.0))
+    with pytest.raises(KeyError, match="EncodeLatentd"):
+        LatentDifferenced(["latent_target", "latent_source"])({"latent_target": sample["latent_target"]})
+
+
+def test_drift_noised_scales_the_clean_latent_by_its_own_scale():
+    sample = {"latent_residual": torch.ones(3, 4, 4, 4), "latent_source": torch.ones(3, 4, 4, 4)}
+    noising = DriftNoised(
+        "latent_residual", DDPMScheduler(**SCHEDULE), LatentDrift(0.0), scale=10.0, also_scale="latent_source",
+        clean_scale=0.5,
+    )  # fmt: skip
+    out = noising(sample)
+    assert torch.equal(out["latent_source"], torch.full((3, 4, 4, 4), 0.5))
+    t = int(out["timesteps"])
+    alpha = DDPMScheduler(**SCHEDULE).alphas_cumprod[t]
+    torch.testing.assert_close(out["noisy"], alpha.sqrt() * 10.0 + (1 - alpha).sqrt() * out["target"])
+
+
+def test_measure_residual_scale_fills_only_a_residual_model(model):
+    batches = [{"latent_residual": torch.randn(2, 3, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.1}]
+    assert measure_residual_scale(model, batches) is None and not hasattr(model, "residual_scale")
+    residual = residual_copy(model, 1.0)
+    scale = measure_residual_scale(residual, batches)
+    assert scale == pytest.approx(10.0, rel=0.1) and float(residual.residual_scale) == pytest.approx(scale)
+
+
+@pytest.mark.parametrize("sampled", [0.0, 2.0])
+def test_residual_inferer_adds_the_sampled_change_to_the_source_latent(model, batch, encoder, monkeypatch, sampled):
+    """z_cf = z_source + sample * scale_factor / residual_scale; a zero change returns D(E(x)) exactly."""
+    residual = residual_copy(model, 7.0)
+    decoded = {}
+
+    def fake_sample(denoiser, scheduler, source_latent, *args, **kwargs):
+        return torch.full_like(source_latent, sampled)
+
+    def spy_decode(latent):
+        decoded["latent"] = latent.clone()
+        return LatentDriftModel.decode(residual, latent)
+
+    monkeypatch.setattr(inferers, "sample_paired", fake_sample)
+    monkeypatch.setattr(residual, "decode", spy_decode)
+    inferer = inferers.CounterfactualInferer(
+        inference_scheduler(), num_inference_steps=2, paired=True, composition="none", auto_mask=False
+    )
+    result = inferer.counterfactual(
+        batch["image_source"], residual, batch["condition_source"], batch["condition_target"]
+    )
+    with torch.no_grad():
+        z0 = residual.encode(batch["image_source"])
+    torch.testing.assert_close(decoded["latent"], z0 + sampled * 0.7 / 7.0)
+    if sampled == 0.0:
+        torch.testing.assert_close(result["counterfactual"], result["reconstruction"])
+
+
 def test_per_image_runs_a_single_image_chain_on_each_key():
     double = PerImaged(["image_source", "image_target"], lambda d: {"image": d["image"] * 2, "other": 0})
     out = double({"image_source": torch.ones(1), "image_target": torch.full((1,), 3.0), "age": 60})
@@ -314,6 +380,16 @@ def test_paired_training_cli_end_to_end(tmp_path, bundle_cli):
         == 2 * unpaired["denoiser.unet.conv_in.conv.weight"].shape[1]
     )
 
+    # configs/paired_residual.json: the same warm start learning the change g (z_target - z_source) instead
+    residual = tmp_path / "models" / "paired_residual.pt"
+    bundle_cli(
+        "training", [*paired, "paired_residual.json", "paired_warm_start.json"], *common, "--max_epochs", "1",
+        "--model_path", str(residual), "--run_dir", str(tmp_path / "runs" / "paired_residual"),
+    )  # fmt: skip
+    learned = read_weights(residual)[0]
+    assert float(learned["scale_factor"]) == float(unpaired["scale_factor"])
+    assert float(learned["residual_scale"]) > 2 * float(learned["scale_factor"]), "a change is smaller than a latent"
+
     # the inference config with the same overlay runs the paired model: no inversion, source latent as input
     image = sorted((tmp_path / "cohort" / "images").glob("*.nii.gz"))[0]
     results = tmp_path / "paired_out"
@@ -336,3 +412,13 @@ def test_paired_training_cli_end_to_end(tmp_path, bundle_cli):
     np.testing.assert_allclose(counterfactual.affine, source.affine, atol=1e-4)
     std = np.asarray(nib.load(results / f"{name}_std.nii.gz").dataobj)
     assert std.max() > 0, "two paired draws from different noise must differ"
+
+    # the residual weights need their overlay, and run with it
+    failed = bundle_cli("run", inference, *arguments, "--model_path", str(residual), check=False)
+    assert failed.returncode != 0 and "configs/paired_residual.json" in failed.stderr
+    residual_results = tmp_path / "residual_out"
+    bundle_cli(
+        "run", [*inference, "paired_residual.json"], *arguments, "--model_path", str(residual),
+        "--results_dir", str(residual_results),
+    )  # fmt: skip
+    assert nib.load(residual_results / f"{name}_counterfactual.nii.gz").shape == source.shape

@@ -196,15 +196,16 @@ class CounterfactualInferer(Inferer):
         starts, timesteps, conditions, null = self._abduction(denoiser, z0, source_condition, target_condition, drift)
         counterfactuals, references = [], []
         for start in starts:
-            latent = torch.cat([start, start]) if self.runs_reference else start
+            latent, sources, source_latents = (torch.cat([c, c]) if self.runs_reference else c
+                                               for c in (start, source_condition, z0))  # fmt: skip
             if self.paired:  # the chain starts from noise; the source latent is the extra input at every step
-                sources = torch.cat([source_condition, source_condition]) if self.runs_reference else source_condition
                 latent = sample_paired(
-                    denoiser, self.scheduler, torch.cat([z0, z0]) if self.runs_reference else z0, sources,
-                    conditions, self.num_inference_steps, guidance_scale=self.guidance_scale,
-                    null_condition=self.null_condition, drift=drift, noise=latent, precision=self.precision,
-                    progress=self.progress,
+                    denoiser, self.scheduler, source_latents, sources, conditions, self.num_inference_steps,
+                    guidance_scale=self.guidance_scale, null_condition=self.null_condition, drift=drift, noise=latent,
+                    precision=self.precision, progress=self.progress,
                 )  # fmt: skip
+                if hasattr(network, "residual_scale"):  # the chain sampled g (z_target - z_source)
+                    latent = source_latents + latent * network.scale_factor / network.residual_scale
             else:
                 latent = denoise_latents(
                     denoiser, self.scheduler, latent, conditions, timesteps, drift=drift,

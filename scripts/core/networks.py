@@ -130,13 +130,19 @@ class LatentDriftModel(nn.Module):
         autoencoder: the stage-1 MONAI AutoencoderKL.
         denoiser: the stage-2 ConditionedUNet.
         drift: the Latent Drift component (its δ is a run setting, not part of the saved weights).
+        residual: a paired model whose denoiser samples g (z_target - z_source) (TADM's residual target); the
+            buffer `residual_scale` holds g times the scale factor, measured like it on the training pairs.
     """
 
-    def __init__(self, autoencoder: AutoencoderKL, denoiser: ConditionedUNet, drift: LatentDrift | None = None):
+    def __init__(
+        self, autoencoder: AutoencoderKL, denoiser: ConditionedUNet, drift: LatentDrift | None = None, residual=False
+    ):
         super().__init__()
         self.autoencoder, self.denoiser = autoencoder, denoiser
         self.drift = drift if drift is not None else LatentDrift(0.0)
         self.register_buffer("scale_factor", torch.tensor(1.0))
+        if residual:
+            self.register_buffer("residual_scale", torch.tensor(1.0))
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         return self.autoencoder.encode(image)[0] * self.scale_factor

@@ -57,6 +57,7 @@ class DriftNoised(RandomizableTransform, MapTransform):
         scale: the model's latent scale factor: a number, or a tensor read at every call (the model's
             `scale_factor` buffer, measured after the latents are cached).
         also_scale: keys of further latents to scale, not noise.
+        clean_scale: their scale when it differs (a residual target's source latent: the model's scale factor).
     """
 
     def __init__(
@@ -69,12 +70,14 @@ class DriftNoised(RandomizableTransform, MapTransform):
         target_key: str = "target",
         timesteps_key: str = "timesteps",
         also_scale: KeysCollection = (),
+        clean_scale: float | torch.Tensor | None = None,
     ) -> None:
         RandomizableTransform.__init__(self, prob=1.0)
         MapTransform.__init__(self, keys)
         if len(self.keys) != 1:
             raise ValueError(f"DriftNoised noises one latent per sample; got keys {list(self.keys)}.")
         self.scheduler, self.drift, self.scale = scheduler, drift, scale
+        self.clean_scale = scale if clean_scale is None else clean_scale
         self.noisy_key, self.target_key, self.timesteps_key = noisy_key, target_key, timesteps_key
         self.also_scale = [also_scale] if isinstance(also_scale, str) else list(also_scale)
         self.timestep, self.noise = 0, None
@@ -83,9 +86,10 @@ class DriftNoised(RandomizableTransform, MapTransform):
         self.timestep = int(self.R.randint(0, self.scheduler.num_train_timesteps))
         self.noise = torch.from_numpy(self.R.standard_normal(tuple(shape)).astype(np.float32))
 
-    def _scaled(self, value: Any) -> torch.Tensor:
+    @staticmethod
+    def _scaled(value: Any, scale: float | torch.Tensor) -> torch.Tensor:
         latent = value.as_tensor() if hasattr(value, "as_tensor") else torch.as_tensor(value)
-        return latent.float() * float(self.scale)
+        return latent.float() * float(scale)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -93,13 +97,13 @@ class DriftNoised(RandomizableTransform, MapTransform):
         if key not in d:
             raise KeyError(f"DriftNoised: the sample has no '{key}' (keys: {sorted(map(str, d))}); put EncodeLatentd "
                            "before it in the transform chain.")  # fmt: skip
-        z0 = self._scaled(d[key])
+        z0 = self._scaled(d[key], self.scale)
         self.randomize(z0.shape)
         timesteps = torch.tensor([self.timestep])
         noisy, target = self.drift.add_noise(self.scheduler, z0[None], self.noise[None], timesteps)
         d[self.noisy_key], d[self.target_key], d[self.timesteps_key] = noisy[0], target[0], timesteps[0]
         for other in self.also_scale:
-            d[other] = self._scaled(d[other])
+            d[other] = self._scaled(d[other], self.clean_scale)
         return d
 
 
