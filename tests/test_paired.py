@@ -279,6 +279,38 @@ def test_residual_inferer_adds_the_sampled_change_to_the_source_latent(model, ba
         torch.testing.assert_close(result["counterfactual"], result["reconstruction"])
 
 
+def interval_copy(model: LatentDriftModel, gain: float) -> ConditionedUNet:
+    """`model`'s denoiser (same parameters) with the interval condition of configs/paired_interval.json."""
+    plain = model.denoiser
+    return ConditionedUNet(plain.unet, plain.condition_size, CONTEXT_DIM, plain.conditioning, interval_gain=gain)
+
+
+def test_interval_denoiser_sees_the_scaled_interval_and_the_target(model, batch, source_latent):
+    """[c_source, c_target] reaches the UNet as [g (c_target - c_source), c_target]; the gain is saved."""
+    denoiser = interval_copy(model, 10.0).eval()
+    denoiser.embedding = model.denoiser.embedding
+    assert float(denoiser.state_dict()["interval_gain"]) == 10.0
+    source, target = batch["condition_source"], batch["condition_target"]
+    x, t = torch.cat([source_latent, source_latent], 1), torch.tensor([500, 500])
+    with torch.no_grad():
+        got = denoiser(x, t, torch.cat([source, target], -1))
+        expected = model.denoiser(x, t, torch.cat([10.0 * (target - source), target], -1))
+        swapped = denoiser(x, t, torch.cat([target, source], -1))
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, swapped), "the interval's sign must reach the network"
+
+
+def test_interval_denoiser_passes_the_null_condition_unchanged(model, encoder, source_latent):
+    """The guidance null [null, null] stays null (not a zero interval), so guidance still contrasts with it."""
+    denoiser = interval_copy(model, 10.0).eval()
+    denoiser.embedding = model.denoiser.embedding
+    null = encoder.null().reshape(1, 1, -1).expand(2, 1, -1)
+    null_pair = torch.cat([null, null], -1)
+    x, t = torch.cat([source_latent, source_latent], 1), torch.tensor([500, 500])
+    with torch.no_grad():
+        torch.testing.assert_close(denoiser(x, t, null_pair), model.denoiser(x, t, null_pair))
+
+
 def test_per_image_runs_a_single_image_chain_on_each_key():
     double = PerImaged(["image_source", "image_target"], lambda d: {"image": d["image"] * 2, "other": 0})
     out = double({"image_source": torch.ones(1), "image_target": torch.full((1,), 3.0), "age": 60})
@@ -390,6 +422,14 @@ def test_paired_training_cli_end_to_end(tmp_path, bundle_cli):
     assert float(learned["scale_factor"]) == float(unpaired["scale_factor"])
     assert float(learned["residual_scale"]) > 2 * float(learned["scale_factor"]), "a change is smaller than a latent"
 
+    # configs/paired_interval.json on top: the residual conditioned on [g (c_target - c_source), c_target], g saved
+    interval = tmp_path / "models" / "paired_interval.pt"
+    bundle_cli(
+        "training", [*paired, "paired_residual.json", "paired_interval.json", "paired_warm_start.json"], *common,
+        "--max_epochs", "1", "--model_path", str(interval), "--run_dir", str(tmp_path / "runs" / "paired_interval"),
+    )  # fmt: skip
+    assert float(read_weights(interval)[0]["denoiser.interval_gain"]) == 10.0
+
     # the inference config with the same overlay runs the paired model: no inversion, source latent as input
     image = sorted((tmp_path / "cohort" / "images").glob("*.nii.gz"))[0]
     results = tmp_path / "paired_out"
@@ -422,3 +462,12 @@ def test_paired_training_cli_end_to_end(tmp_path, bundle_cli):
         "--results_dir", str(residual_results),
     )  # fmt: skip
     assert nib.load(residual_results / f"{name}_counterfactual.nii.gz").shape == source.shape
+    failed = bundle_cli(
+        "run", [*inference, "paired_residual.json"], *arguments, "--model_path", str(interval), check=False
+    )
+    assert failed.returncode != 0 and "configs/paired_interval.json" in failed.stderr
+    bundle_cli(
+        "run", [*inference, "paired_residual.json", "paired_interval.json"], *arguments, "--model_path", str(interval),
+        "--results_dir", str(tmp_path / "interval_out"),
+    )  # fmt: skip
+    assert nib.load(tmp_path / "interval_out" / f"{name}_counterfactual.nii.gz").shape == source.shape

@@ -62,19 +62,19 @@ CONDITIONINGS = ("cross_attention", "timestep_embedding", "input_channels")
 class ConditionedUNet(nn.Module):
     """
     The denoiser ε_θ(z_t, t, c): the covariate vector c reaches a MONAI DiffusionModelUNet by one or more of
-    `conditioning`:
-
-    - "cross_attention": one context token per covariate value (`CovariateTokens`) in the UNet's cross-attention
-      (the UNet built `with_conditioning=True`, `cross_attention_dim=context_dim`);
-    - "timestep_embedding": an MLP embedding (`CovariateEmbedding`) added to the timestep embedding (the UNet built
-      with `num_class_embeds=1`; the embedding replaces its class-embedding table);
-    - "input_channels": c as constant input channels beside the latent (the UNet's `in_channels` counts them).
+    `conditioning`: "cross_attention", one context token per covariate value (`CovariateTokens`) in the UNet's
+    cross-attention (the UNet built `with_conditioning=True`, `cross_attention_dim=context_dim`);
+    "timestep_embedding", an MLP embedding (`CovariateEmbedding`) added to the timestep embedding (the UNet built
+    with `num_class_embeds=1`; it replaces the class-embedding table); "input_channels", c as constant input
+    channels beside the latent (the UNet's `in_channels` counts them).
 
     Args:
         unet: the MONAI DiffusionModelUNet, built to match `conditioning`.
         condition_size: length of the covariate vector (`CovariateEncoder.size`).
         context_dim: the UNet's `cross_attention_dim` (used by "cross_attention").
         conditioning: the designs used, any non-empty combination of `CONDITIONINGS`.
+        interval_gain: g > 0: a paired condition [c_source, c_target] reaches the UNet as [g (c_target - c_source),
+            c_target] (a null half stays null), the interval as TADM; g (a saved buffer) makes it order one.
     """
 
     def __init__(
@@ -83,6 +83,7 @@ class ConditionedUNet(nn.Module):
         condition_size: int,
         context_dim: int | None = None,
         conditioning: Sequence[str] = ("cross_attention",),
+        interval_gain: float = 0.0,
     ) -> None:
         super().__init__()
         conditioning = [conditioning] if isinstance(conditioning, str) else list(conditioning)
@@ -103,8 +104,14 @@ class ConditionedUNet(nn.Module):
             if unet.num_class_embeds is None:
                 raise ValueError("conditioning 'timestep_embedding': build the diffusion UNet with num_class_embeds=1.")
             unet.class_embedding = CovariateEmbedding(condition_size, unet.time_embed[-1].out_features)
+        if float(interval_gain):
+            self.register_buffer("interval_gain", torch.tensor(float(interval_gain)))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "interval_gain"):
+            source, target = condition.chunk(2, -1)
+            interval = torch.where(source[..., -1:] > 0.5, source, self.interval_gain * (target - source))
+            condition = torch.cat([interval, target], -1)
         context = self.embedding(condition) if "cross_attention" in self.conditioning else None
         labels = condition if "timestep_embedding" in self.conditioning else None
         if "input_channels" in self.conditioning:

@@ -9,12 +9,9 @@ The InstructPix2Pix analogue for longitudinal pairs (Brooks et al., CVPR 2023), 
     sampling    z_T = ε + δ,  z_{t-1} = step(ε̂, t, z_t) + δ_t,  z_0^source fixed at every step
     guidance    ε̂ = ε(z_t, z^source, ∅) + w (ε(z_t, z^source, c) - ε(z_t, z^source, ∅)),  ∅ = [null, null]
 
-Classifier-free guidance training nulls both covariate vectors together (one `ConditionDropoutd` on both keys in
-the transform chain); the source latent is always given, so guidance acts on the covariates only.
-
-A paired model can start from unpaired weights of the same design (scripts/training/warm_start.py, configs/paired_warm_start.json),
-as InstructPix2Pix starts from a text-to-image model: the source channels of the first convolution start at zero and
-the source covariates start silent, so before any paired step the model is the unpaired one conditioned on c_target.
+Guidance training nulls both covariate vectors together (one `ConditionDropoutd` on both keys); the source latent is
+always given, so guidance acts on the covariates only. A paired model can start from unpaired weights of the same
+design (scripts/training/warm_start.py), as InstructPix2Pix starts from a text-to-image model.
 """
 
 from __future__ import annotations

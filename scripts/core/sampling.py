@@ -1,6 +1,4 @@
-"""Sampling with Latent Drift: guided noise estimates, the drifted reverse chain and its deterministic inversion. The
-drift is always passed explicitly.
-"""
+"""Sampling with Latent Drift (passed explicitly): guided noise estimates, the reverse chain and its inversion."""
 
 from __future__ import annotations
 

@@ -46,9 +46,7 @@ class DriftNoised(RandomizableTransform, MapTransform):
         z_t = sqrt(ᾱ_t) z_0 + sqrt(1 - ᾱ_t) (ε + δ)          (`LatentDrift.add_noise`)
 
     and writes z_t to `noisy_key`, the loss target (ε, v or z_0 by the scheduler's prediction type) to
-    `target_key` and t (a 0-d int64 tensor) to `timesteps_key`; a collated batch holds them ready for the
-    prepare-batch. `also_scale` names other cached latents to multiply by the same scale and leave clean (the
-    source latent of paired training).
+    `target_key` and t (a 0-d int64 tensor) to `timesteps_key`, ready for the prepare-batch.
 
     Args:
         keys: the one clean latent to noise.

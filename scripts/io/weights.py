@@ -129,6 +129,8 @@ def load_weights(
         hint = "The file holds a paired (longitudinal) model: add configs/paired.json to the config files. " + hint
     if "residual_scale" in state and not hasattr(module, "residual_scale"):
         hint = "The file holds a residual paired model: add configs/paired_residual.json after paired.json. " + hint
+    if "denoiser.interval_gain" in state and not hasattr(getattr(module, "denoiser", None), "interval_gain"):
+        hint = "The file holds an interval paired model: add configs/paired_interval.json after paired.json. " + hint
     trained_with = trained_conditioning(metadata)
     built_with = list(getattr(getattr(module, "denoiser", None), "conditioning", trained_with))
     if trained_with != built_with:

@@ -26,6 +26,9 @@ def warm_start_paired(network: LatentDriftModel, path: str) -> LatentDriftModel:
     So before any paired step the model predicts what the unpaired one predicts for c_target (exactly, with
     cross-attention fed c_source = c_target). The drift stays the config's; training then learns the rest. A
     residual model (configs/paired_residual.json) starts the same way; its `residual_scale` is measured afterwards.
+    An interval model (configs/paired_interval.json) keeps its `interval_gain`; its first half carries the interval
+    g (c_target - c_source), which is 0 for c_source = c_target: exact through the embedding MLP (zero weights),
+    not through cross-attention (the interval tokens start as the covariate tokens of a zero vector).
     """
     if not is_paired(network):
         raise ValueError(f"warm start from {path}: the network is not paired; add configs/paired.json.")
@@ -63,8 +66,9 @@ def warm_start_paired(network: LatentDriftModel, path: str) -> LatentDriftModel:
                 f"{path}: {key!r} has shape {tuple(value.shape)}, which does not widen to the paired network's "
                 f"{tuple(wanted)}; warm-start from weights of the same design (channels, covariates)."
             )
-    if "residual_scale" in target:  # a residual model's own scale, measured on the pairs after this (residual.py)
-        widened["residual_scale"] = target["residual_scale"]
+    for own in ("residual_scale", "denoiser.interval_gain"):  # the paired model's own settings (residual.py)
+        if own in target:
+            widened[own] = target[own]
     missing = sorted(set(target) - set(widened))
     if missing:
         raise ValueError(f"{path}: lacks {missing[:3]} of the paired network; the designs differ.")
