@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,6 +41,23 @@ def test_shipped_weights_hold_their_drift_schedule_and_schema(path):
     assert metadata["drift"] == {"delta": expected_delta, "schedule": "paper"}
     assert covariate in metadata["covariate_schema"]
     assert len(metadata["reconstruction_error"]["values"]) >= 30, "the OOD profile of the validation scans"
+
+
+def test_shipped_paired_interval_weights_load_strictly_under_their_overlays():
+    """models/paired_interval_model.pt: the residual paired model conditioned on the interval (README, paired mode)."""
+    from monai.bundle import ConfigParser
+
+    overlays = ("inference.json", "paired.json", "paired_residual.json", "paired_interval.json")
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE_ROOT / "configs" / name) for name in overlays])
+    parser["bundle_root"] = str(BUNDLE_ROOT)
+    assert Path(parser.get_parsed_content("model_path")) == BUNDLE_ROOT / "models" / "paired_interval_model.pt"
+    network = parser.get_parsed_content("network_def")
+    state, metadata = read_weights(BUNDLE_ROOT / "models" / "paired_interval_model.pt")
+    network.load_state_dict(state, strict=True)
+    assert metadata["paired"] is True and metadata["drift"] == {"delta": 0.1, "schedule": "paper"}
+    assert float(network.denoiser.interval_gain) == 10.0
+    assert float(network.residual_scale) > 2 * float(network.scale_factor), "a follow-up change is smaller than a scan"
 
 
 def test_saved_weights_round_trip_with_their_metadata(tmp_path):
