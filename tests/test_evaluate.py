@@ -267,6 +267,7 @@ def test_compositions_run_scores_every_variant_and_recommends_one(chest_cohort, 
     assert {"none", "reconstruction", "reference", "reference+mask@1", "reconstruction+mask@3"} <= set(table)
     for scores in table.values():
         assert scores["mae_to_truth"] > 0 and "effusion_accuracy" in scores["effectiveness"]
+        assert {"cardiothoracic_ratio", "effusion_fraction"} <= set(scores["volumes"])  # the segmenter's reading
     assert 0 <= table["reference+mask@1"]["mask_dice"] <= 1
     assert report["recommended"]["variant"] in report["recommended"]["eligible"]
     assert "autoencoder_ceiling" in table and "autoencoder_ceiling" not in report["recommended"]["eligible"]
@@ -290,6 +291,60 @@ def test_composition_scores_are_perfect_for_the_truth_and_zero_for_doing_nothing
     assert nothing["mask_dice"] == pytest.approx(1.0) and nothing["mae_where_unchanged"] == 0.0
     wrong_way = oracle_scores(images - (truth - images), images, truth, changed, None)
     assert wrong_way["share_of_true_change"] == pytest.approx(-1.0) and wrong_way["gain_over_doing_nothing"] < 0
+
+
+def test_composition_volumes_score_the_truth_perfectly_and_the_input_as_no_change():
+    from scripts.evaluation.compositions import _add_volumes
+
+    source = [{"ventricle_ml": 40.0}, {"ventricle_ml": 50.0}]
+    exact = [{"ventricle_ml": 44.0}, {"ventricle_ml": 60.0}]
+    half = [{"ventricle_ml": 42.0}, {"ventricle_ml": 55.0}]
+    table = {"truth_like": {}, "nothing": {}, "half": {}}
+    _add_volumes(table, {"input": source, "truth_like": exact, "nothing": source, "half": half}, exact, range(2))
+    truth_like, nothing, halfway = (table[n]["volumes"]["ventricle_ml"] for n in ("truth_like", "nothing", "half"))
+    assert truth_like["median_relative_error"] == 0 and truth_like["share_of_true_change"] == pytest.approx(1)
+    assert nothing["share_of_true_change"] == 0 and nothing["true_change"] == pytest.approx(7.0)
+    assert nothing["median_relative_error"] == pytest.approx(nothing["input_median_relative_error"])
+    assert halfway["share_of_true_change"] == pytest.approx(0.5)
+    assert halfway["median_relative_error"] == pytest.approx(np.median([2 / 44, 5 / 60]))
+    _add_volumes(table, {}, exact, range(2))  # no segmenter: nothing added, nothing fails
+    assert set(table["half"]) == {"volumes"}
+
+
+def test_recommendation_floor_can_follow_the_reference_composition_when_the_raw_decode_overshoots():
+    from scripts.evaluation.compositions import _recommended
+
+    def row(gain, share):
+        return {"gain_over_doing_nothing": gain, "share_of_true_change": share}
+
+    # a raw decode whose blur inflates its share: no composition keeps 0.9x of it, so "none" is the only choice
+    tables = {"age=+20": {"none": row(-1.9, 1.1), "reference": row(0.12, 0.74), "reference+mask@2": row(0.17, 0.72),
+                          "reference+mask@4": row(0.20, 0.50)}}  # fmt: skip
+    assert _recommended(tables, 0.9)["variant"] == "none"
+    chosen = _recommended(tables, 0.9, "reference")
+    assert chosen["variant"] == "reference+mask@2" and chosen["share_floor"] == pytest.approx(0.666)
+    with pytest.raises(ValueError, match="share_floor_variant 'nothing'"):
+        _recommended(tables, 0.9, "nothing")
+
+
+def test_truth_in_the_input_frame_undoes_its_own_scaling_and_keeps_what_the_percentiles_cut():
+    from monai.transforms import Compose, ScaleIntensityRangePercentilesd
+
+    from scripts.evaluation.compositions import _unclipped, in_input_frame
+
+    native = torch.linspace(0.0, 2.0, 101).reshape(1, 1, 101)  # a truth whose own range is [0.5, 1.5]
+    own = (native - 0.5) / (1.0 - 0.5 + 0.5)
+    back = in_input_frame(own, (0.5, 1.5), (0.0, 2.0))  # the input's range: native / 2
+    assert torch.allclose(back, native / 2, atol=1e-6)
+    assert (
+        in_input_frame(own, (0.5, 1.5), (0.5, 1.0)).max() == 1
+        and in_input_frame(own, (0.5, 1.5), (0.5, 1.0)).min() == 0
+    )
+    scale = Compose([ScaleIntensityRangePercentilesd("image", 10, 90, 0.0, 1.0, clip=True)])
+    loose = _unclipped(scale)
+    image = {"image": native.clone()}
+    assert scale(dict(image))["image"].max() == 1 and loose(dict(image))["image"].max() > 1
+    assert scale.transforms[0].scaler.clip, "the configured preprocessing itself is left clipping"
 
 
 def test_autoencoder_ceiling_is_the_truth_for_a_lossless_autoencoder_and_blind_to_a_constant_one():

@@ -58,6 +58,7 @@ def test_shipped_paired_interval_weights_load_strictly_under_their_overlays():
     assert metadata["paired"] is True and metadata["drift"] == {"delta": 0.1, "schedule": "paper"}
     assert float(network.denoiser.interval_gain) == 10.0
     assert float(network.residual_scale) > 2 * float(network.scale_factor), "a follow-up change is smaller than a scan"
+    assert len(metadata["reconstruction_error"]["values"]) >= 30, "the OOD profile of the validation baseline scans"
 
 
 def test_saved_weights_round_trip_with_their_metadata(tmp_path):

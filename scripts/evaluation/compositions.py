@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.transforms import ScaleIntensityRangePercentilesd
 
 from scripts.core.covariates import CovariateEncoder
 from scripts.core.inferers import CounterfactualInferer, compose, edit_mask
@@ -87,6 +88,28 @@ def score_compositions(
     return table
 
 
+def in_input_frame(truth: torch.Tensor, truth_range: Sequence[float], input_range: Sequence[float]) -> torch.Tensor:
+    """
+    A truth scaled by its own (lower, upper) intensity percentiles, unclipped, re-expressed in its input's scaling
+    and clipped to [0, 1] like the input: the native truth as the inverse preprocessing of the input would map it.
+    """
+    (truth_low, truth_high), (low, high) = truth_range, input_range
+    return ((truth * (truth_high - truth_low) + truth_low - low) / (high - low)).clamp(0, 1)
+
+
+def _unclipped(transform: Callable[[dict], dict]) -> Callable[[dict], dict]:
+    """A copy of the preprocessing whose percentile scaling keeps the values outside [0, 1]."""
+    copied = copy.deepcopy(transform)
+    for item in getattr(copied, "transforms", ()):
+        if isinstance(item, ScaleIntensityRangePercentilesd):
+            item.scaler.clip = False
+    return copied
+
+
+def _range(transform: Callable[[dict], dict], record: Mapping) -> list[float]:
+    return list(transform(dict(record))["image"].meta["intensity_range"])
+
+
 def _directions(encoder: CovariateEncoder, records: Sequence[Mapping], targets: Sequence[Mapping]) -> dict:
     """Record indices per direction of change ("effusion 0->1"), when the records move more than one way."""
     groups: dict[str, list[int]] = {}
@@ -120,19 +143,27 @@ def compare_compositions(
     batch_size: int = 8,
     mask_thresholds: Sequence[float] = (1.0, 2.0, 3.0, 4.0, 6.0),
     min_share_kept: float = 0.9,
+    share_floor_variant: str = "none",
+    truth_frame: str = "own",
     evaluator_dir: str | None = None,
     predictor_channels: Sequence[int] = (),
     segmenter_channels: Sequence[int] = (),
     spatial_dims: int = 3,
+    spacing: Sequence[float] | float = 3.0,
 ) -> dict[str, Any]:
     """
     The composition table of `score_compositions` for each intervention over `datalist[datalist_key]`, and the
     recommended setting: the highest mean gain over doing nothing among the variants that keep at least
-    `min_share_kept` of the share of the true change that the raw decode ("none") reaches. Run it on a validation
+    `min_share_kept` of the share of the true change that `share_floor_variant` reaches (the raw decode, "none";
+    "reference" where the raw decode's share is inflated by the autoencoder's blur). Run it on a validation
     split to choose `composition` / `mask_threshold`, then score held-out scans with the chosen values.
+    `truth_frame` "own" scales each truth by its own intensity percentiles, as the preprocessing does any scan;
+    "input" re-expresses it in its input's (`in_input_frame`), the frame the written counterfactual is in: a change
+    of the percentiles themselves (atrophy lowers a brain's 99.5th) then counts as the error it is in the output.
     An intervention that moves a covariate both ways over the records (a "flip": adding and removing a finding) is
     also scored per direction. With trained evaluators in `evaluator_dir`, each variant's effectiveness is added
-    (how often the covariate predictor reads the asked value; for age, its absolute error).
+    (how often the covariate predictor reads the asked value; for age, its absolute error) and its volumes (the
+    segmenter's label map of the output against the oracle's exact label map of the truth, `_add_volumes`).
     Writes compositions.json, compositions.md and autoencoder.png (the first 3 inputs over their reconstructions:
     what the frozen stage 1 keeps) into `output_dir` (all or nothing).
     """
@@ -141,10 +172,14 @@ def compare_compositions(
     if len(records) < 2:
         raise ValueError(f"{datalist}: '{datalist_key}' has {len(records)} record(s); the comparison needs 2 or more.")
     check_cohort(cohort_dir, records, datalist)
+    if truth_frame not in ("own", "input"):
+        raise ValueError(f"truth_frame must be 'own' or 'input', got {truth_frame!r}.")
     images = E.load_cohort_split(datalist, datalist_key, encoder, transform, image_size, False, num_records)["images"]
-    predictor = None
+    predictor = segmenter = None
     if evaluator_dir and (Path(evaluator_dir) / "predictor.pt").is_file():
-        predictor = E.load_evaluators(evaluator_dir, encoder, spatial_dims, predictor_channels, segmenter_channels)[0]
+        predictor, segmenter = E.load_evaluators(
+            evaluator_dir, encoder, spatial_dims, predictor_channels, segmenter_channels
+        )[:2]
     source = torch.stack([encoder.encode(r).reshape(1, -1) for r in records]).float()
     with staged_folder(output_dir, prefix=".compositions.") as staged:
         reconstructions = reconstruct(network, images[:3], batch_size, inferer.precision)
@@ -152,14 +187,18 @@ def compare_compositions(
         tables = {}
         for spec in interventions:
             targets = [apply_intervention(encoder, r, spec) for r in records]
-            truth = torch.stack(
-                [
-                    load_truth(
-                        cohort_dir, r, requested_changes(encoder, r, t), transform, staged / "truth", image_size
-                    )[0]
-                    for r, t in zip(records, targets)
-                ]
-            )
+            truth_transform = transform if truth_frame == "own" else _unclipped(transform)
+            truths = [
+                load_truth(
+                    cohort_dir, r, requested_changes(encoder, r, t), truth_transform, staged / "truth", image_size
+                )
+                for r, t in zip(records, targets)
+            ]
+            truth = torch.stack([torch.as_tensor(t[0]).as_subclass(torch.Tensor) for t in truths])
+            if truth_frame == "input":
+                truth = torch.stack([in_input_frame(item, t[0].meta["intensity_range"], _range(transform, r))
+                                     for item, t, r in zip(truth, truths, records)])  # fmt: skip
+            exact = [E.measure(t[1][0].numpy(), spatial_dims, spacing) for t in truths]
             target = torch.stack([encoder.encode(t).reshape(1, -1) for t in targets]).float()
             outputs: dict[str, torch.Tensor] = {}
             table = score_compositions(
@@ -174,10 +213,17 @@ def compare_compositions(
                     name: E.decode_predictions(encoder, E.predict(predictor, out)) for name, out in outputs.items()
                 }
                 _add_effectiveness(table, encoder, readings, records, targets, range(len(records)))
+            measured = {}
+            if segmenter is not None:
+                with torch.no_grad():
+                    measured = {name: [E.measure(m[0].numpy(), spatial_dims, spacing) for m in E.segment(segmenter, out)]
+                                for name, out in {"input": images, **outputs}.items()}  # fmt: skip
+                _add_volumes(table, measured, exact, range(len(records)))
             tables[intervention_tag(spec)] = table
             for direction, chosen in _directions(encoder, records, targets).items():
                 subset = _subset_scores(outputs, images, truth, chosen)
                 _add_effectiveness(subset, encoder, readings, records, targets, chosen)
+                _add_volumes(subset, measured, exact, chosen)
                 tables[f"{intervention_tag(spec)} [{direction}]"] = subset
             scores = tables[intervention_tag(spec)]
             summary = [
@@ -185,9 +231,10 @@ def compare_compositions(
             ]
             print(f"{intervention_tag(spec)} (gain/share): " + ", ".join(summary))
         whole = {tag: table for tag, table in tables.items() if not tag.endswith("]")}
-        report = {"interventions": tables, "recommended": _recommended(whole, min_share_kept),
+        report = {"interventions": tables, "recommended": _recommended(whole, min_share_kept, share_floor_variant),
                   "settings": {"datalist": str(datalist), "datalist_key": datalist_key, "num_records": len(records),
                                "unchanged_tolerance": UNCHANGED_TOLERANCE, "min_share_kept": min_share_kept,
+                               "share_floor_variant": share_floor_variant, "truth_frame": truth_frame,
                                "strength": inferer.strength, "guidance_scale": inferer.guidance_scale,
                                "num_inference_steps": inferer.num_inference_steps,
                                "mask_smoothing": inferer.mask_smoothing},
@@ -208,12 +255,51 @@ def _add_effectiveness(table, encoder, readings, records, targets, indices) -> N
         table[name]["effectiveness"] = {k: v["counterfactual"] for k, v in scores.items()}
 
 
-def _recommended(tables: Mapping[str, Mapping[str, Mapping[str, float]]], min_share_kept: float) -> dict[str, Any]:
+def _add_volumes(table, measured, exact, indices) -> None:
+    """
+    Each variant's volumes over the records at `indices`, from `measured` (the segmenter's measures per variant and
+    of the input) and `exact` (the oracle's label map of the truth): per quantity the median relative error
+    |cf - truth| / truth (and the untouched input's, doing nothing), the mean true change (truth - input as the
+    segmenter reads it) and the share of it the output makes (mean output change over mean true change).
+    """
+    chosen = list(indices)
+    if not measured or not chosen:
+        return
+    source = [measured["input"][i] for i in chosen]
+    truth = [exact[i] for i in chosen]
+    true_change = {key: float(np.mean([t[key] - s[key] for t, s in zip(truth, source)])) for key in truth[0]}
+
+    def relative_error(values, key):
+        return float(
+            np.median([abs(v[key] - t[key]) / t[key] for v, t in zip(values, truth) if t[key] > 0] or [np.nan])
+        )
+
+    for name, rows in measured.items():
+        if name == "input" or name not in table:
+            continue
+        values = [rows[i] for i in chosen]
+        table[name]["volumes"] = {
+            key: {
+                "median_relative_error": relative_error(values, key),
+                "input_median_relative_error": relative_error(source, key),
+                "true_change": true_change[key],
+                "share_of_true_change": float(np.mean([v[key] - s[key] for v, s in zip(values, source)]))
+                / true_change[key] if true_change[key] else float("nan"),
+            }
+            for key in truth[0]
+        }  # fmt: skip
+
+
+def _recommended(
+    tables: Mapping[str, Mapping[str, Mapping[str, float]]], min_share_kept: float, floor_variant: str = "none"
+) -> dict[str, Any]:
     names = [name for name in next(iter(tables.values())) if name != CEILING]
     first = next(iter(tables.values()))
     mean = {n: {k: float(np.mean([t[n][k] for t in tables.values()])) for k, v in first[n].items()
                 if isinstance(v, float)} for n in names}  # fmt: skip
-    floor = min_share_kept * mean["none"]["share_of_true_change"]
+    if floor_variant not in mean:
+        raise ValueError(f"share_floor_variant '{floor_variant}' is not one of the scored variants {names}.")
+    floor = min_share_kept * mean[floor_variant]["share_of_true_change"]
     eligible = [n for n in names if mean[n]["share_of_true_change"] >= floor] or ["none"]
     best = max(eligible, key=lambda n: mean[n]["gain_over_doing_nothing"])
     return {"variant": best, "mean_over_interventions": mean[best], "share_floor": floor, "eligible": eligible}

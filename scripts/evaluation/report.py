@@ -93,19 +93,30 @@ def compositions_markdown(report: Mapping[str, Any]) -> str:
     lines = ["# Compositions against the oracle", "",
              f"{report['settings']['num_records']} scans of `{report['settings']['datalist_key']}`; "
              f"recommended: **{report['recommended']['variant']}** (highest mean gain over doing nothing among the "
-             f"variants keeping >= {report['settings']['min_share_kept']:g}x the raw decode's share of the true "
-             "change). `autoencoder_ceiling` is not a choice: it adds the autoencoder's rendering of the true change "
+             f"variants keeping >= {report['settings']['min_share_kept']:g}x the share of the true change of "
+             f"`{report['settings'].get('share_floor_variant', 'none')}`). "
+             "`autoencoder_ceiling` is not a choice: it adds the autoencoder's rendering of the true change "
              "to the input (x + D(E(x*)) - D(E(x))), the most any model on these autoencoder weights can show.", "",
+             "Volumes (with trained evaluators): the segmenter's reading of each output against the oracle's exact "
+             "label map of the truth, as median relative error (the untouched input's in brackets) and the share of "
+             "the true change made.", "",
              "| intervention | variant | MAE to truth | gain over doing nothing | MAE where unchanged | share of true "
-             "change | mask Dice | mask fraction | effectiveness |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+             "change | mask Dice | mask fraction | effectiveness | volumes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for tag, table in report["interventions"].items():
         for name, v in table.items():
             lines.append(f"| {tag} | {name} | {v['mae_to_truth']:.4f} | {v['gain_over_doing_nothing']:+.3f} | "
                          f"{v['mae_where_unchanged']:.4f} | {v['share_of_true_change']:.3f} | "
                          f"{_fmt(v.get('mask_dice', '-'))} | {_fmt(v.get('mask_fraction', '-'))} | "
-                         f"{', '.join(f'{k} {x:.2f}' for k, x in v.get('effectiveness', {}).items())} |")  # fmt: skip
+                         f"{', '.join(f'{k} {x:.2f}' for k, x in v.get('effectiveness', {}).items())} | "
+                         f"{_volumes_cell(v.get('volumes', {}))} |")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _volumes_cell(volumes: Mapping[str, Mapping[str, float]]) -> str:
+    """`ventricle_ml err 9% (21%), share 0.45; ...` for the composition table."""
+    return "; ".join(f"{key} err {v['median_relative_error']:.0%} ({v['input_median_relative_error']:.0%}), "
+                     f"share {v['share_of_true_change']:.2f}" for key, v in volumes.items())  # fmt: skip
 
 
 def write_montage(path: Path, rows: Sequence[tuple]) -> None:
