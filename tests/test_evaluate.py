@@ -333,7 +333,7 @@ def test_truth_in_the_input_frame_undoes_its_own_scaling_and_keeps_what_the_perc
     from scripts.evaluation.compositions import _unclipped, in_input_frame
 
     native = torch.linspace(0.0, 2.0, 101).reshape(1, 1, 101)  # a truth whose own range is [0.5, 1.5]
-    own = (native - 0.5) / (1.0 - 0.5 + 0.5)
+    own = native - 0.5  # scaled by its own range: (native - 0.5) / (1.5 - 0.5)
     back = in_input_frame(own, (0.5, 1.5), (0.0, 2.0))  # the input's range: native / 2
     assert torch.allclose(back, native / 2, atol=1e-6)
     assert (

@@ -110,6 +110,12 @@ def _range(transform: Callable[[dict], dict], record: Mapping) -> list[float]:
     return list(transform(dict(record))["image"].meta["intensity_range"])
 
 
+def _measure(segmenter, images: torch.Tensor, spatial_dims: int, spacing) -> list[dict[str, float]]:
+    """The causal quantities (volumes) of the segmenter's label map of each image."""
+    with torch.no_grad():
+        return [E.measure(m[0].numpy(), spatial_dims, spacing) for m in E.segment(segmenter, images)]
+
+
 def _directions(encoder: CovariateEncoder, records: Sequence[Mapping], targets: Sequence[Mapping]) -> dict:
     """Record indices per direction of change ("effusion 0->1"), when the records move more than one way."""
     groups: dict[str, list[int]] = {}
@@ -181,13 +187,17 @@ def compare_compositions(
             evaluator_dir, encoder, spatial_dims, predictor_channels, segmenter_channels
         )[:2]
     source = torch.stack([encoder.encode(r).reshape(1, -1) for r in records]).float()
+    truth_transform = transform if truth_frame == "own" else _unclipped(transform)
+    input_ranges = [_range(transform, r) for r in records] if truth_frame == "input" else []
+    measured_input = []
+    if segmenter is not None:
+        measured_input = _measure(segmenter, images, spatial_dims, spacing)
     with staged_folder(output_dir, prefix=".compositions.") as staged:
         reconstructions = reconstruct(network, images[:3], batch_size, inferer.precision)
         reconstruction_montage(staged / "autoencoder.png", images[:3], reconstructions)
         tables = {}
         for spec in interventions:
             targets = [apply_intervention(encoder, r, spec) for r in records]
-            truth_transform = transform if truth_frame == "own" else _unclipped(transform)
             truths = [
                 load_truth(
                     cohort_dir, r, requested_changes(encoder, r, t), truth_transform, staged / "truth", image_size
@@ -196,8 +206,8 @@ def compare_compositions(
             ]
             truth = torch.stack([torch.as_tensor(t[0]).as_subclass(torch.Tensor) for t in truths])
             if truth_frame == "input":
-                truth = torch.stack([in_input_frame(item, t[0].meta["intensity_range"], _range(transform, r))
-                                     for item, t, r in zip(truth, truths, records)])  # fmt: skip
+                truth = torch.stack([in_input_frame(item, t[0].meta["intensity_range"], low_high)
+                                     for item, t, low_high in zip(truth, truths, input_ranges)])  # fmt: skip
             exact = [E.measure(t[1][0].numpy(), spatial_dims, spacing) for t in truths]
             target = torch.stack([encoder.encode(t).reshape(1, -1) for t in targets]).float()
             outputs: dict[str, torch.Tensor] = {}
@@ -215,9 +225,10 @@ def compare_compositions(
                 _add_effectiveness(table, encoder, readings, records, targets, range(len(records)))
             measured = {}
             if segmenter is not None:
-                with torch.no_grad():
-                    measured = {name: [E.measure(m[0].numpy(), spatial_dims, spacing) for m in E.segment(segmenter, out)]
-                                for name, out in {"input": images, **outputs}.items()}  # fmt: skip
+                measured = {
+                    "input": measured_input,
+                    **{name: _measure(segmenter, out, spatial_dims, spacing) for name, out in outputs.items()},
+                }
                 _add_volumes(table, measured, exact, range(len(records)))
             tables[intervention_tag(spec)] = table
             for direction, chosen in _directions(encoder, records, targets).items():
