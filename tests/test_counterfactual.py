@@ -14,7 +14,7 @@ from monai.networks.schedulers import DDIMScheduler
 from PIL import Image
 
 from scripts.core.drift import LatentDrift
-from scripts.core.inferers import CounterfactualInferer, compose, edit_mask
+from scripts.core.inferers import CounterfactualInferer, compose, edit_mask, match_intensity_scale
 from scripts.core.networks import ConditionedUNet, LatentDriftModel
 from scripts.core.sampling import denoise_latents, invert_latents, set_inference_timesteps
 
@@ -183,6 +183,27 @@ def test_the_automatic_mask_covers_a_large_change_and_nothing_far_from_it():
     assert mask[..., 12, 12] > 0.9 and mask[..., 30, 30] == 0 and mask[..., 2, 28] == 0
     assert ((mask > 0) & (mask < 1)).any(), "the edge is soft"
     assert not edit_mask(torch.zeros_like(change), chain_noise).any()
+
+
+def test_a_global_rescale_is_taken_out_and_a_local_change_kept():
+    base = torch.zeros(2, 1, 32, 32)
+    base[..., 4:28, 4:28] = torch.rand(2, 1, 24, 24, generator=torch.Generator().manual_seed(7)) * 0.8 + 0.2
+    edited = base.clone()
+    edited[..., 10:14, 10:14] = 0.05  # a small local change (a dark, growing ventricle)
+    matched = match_intensity_scale(edited * torch.tensor([1.04, 0.97]).reshape(2, 1, 1, 1), base)
+    torch.testing.assert_close(matched, edited)
+    assert torch.equal(match_intensity_scale(torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)), torch.ones(1, 1, 4, 4))
+
+
+def test_keeping_the_intensity_scale_still_gives_the_input_back_without_a_change():
+    model, image = tiny_model(), torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(4))
+    kept = CounterfactualInferer(scheduler(), num_inference_steps=6, composition="reference", auto_mask=False,
+                                 keep_intensity_scale=True)  # fmt: skip
+    plain = CounterfactualInferer(scheduler(), num_inference_steps=6, composition="reference", auto_mask=False)
+    same = kept(image, model, condition(0.4), condition(0.4))
+    torch.testing.assert_close(compose(image, same["counterfactual"], same["change"], None, "reference"), image)
+    changed, unmatched = (i(image, model, condition(0.4), condition(0.9)) for i in (kept, plain))
+    assert not torch.equal(changed["counterfactual"], unmatched["counterfactual"]), "the option must act"
 
 
 def test_the_inferer_runs_at_the_weights_drift_unless_told_otherwise():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -10,7 +9,6 @@ import torch
 from monai.inferers import Inferer
 from monai.networks.layers import GaussianFilter
 from monai.networks.schedulers import DDIMScheduler
-from torch import nn
 
 from scripts.core.drift import LatentDrift
 from scripts.core.networks import LatentDriftModel
@@ -23,29 +21,6 @@ from scripts.core.sampling import (
     set_inference_timesteps,
 )
 from scripts.io.datalist import as_flag
-
-
-class AutocastInferer(Inferer):
-    """Calls `network(inputs, *args, **kwargs)` under the chosen autocast precision and returns float32."""
-
-    def __init__(self, precision: str = "fp32") -> None:
-        super().__init__()
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}.")
-        self.precision = precision
-
-    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        with precision_context(inputs.device, self.precision):
-            output = network(inputs, *args, **kwargs)
-        return output.float() if isinstance(output, torch.Tensor) else output
-
-
-class ReconstructionInferer(AutocastInferer):
-    """Autoencoder reconstruction (encode to the posterior mean, decode) for stage-1 validation."""
-
-    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return super().__call__(inputs, network.reconstruct)
-
 
 COMPOSITIONS = ("reference", "reconstruction", "none")
 NOISE_QUANTILE = 0.9  # the reference chain's change level that `edit_mask` thresholds are relative to
@@ -86,6 +61,9 @@ class CounterfactualInferer(Inferer):
             the inverted latent mixed with fresh noise, sqrt(1 - j²) z_t0 + j ε (variance preserving, j =
             `sample_jitter`); n = 1 uses the inverted latent as it is (deterministic).
         sample_jitter: j above, in [0, 1].
+        keep_intensity_scale: divide each chain's decode by its median ratio to D(E(x)) over the foreground (> 0.1),
+            so that a global intensity rescale the model learnt from self-scaled training scans (atrophy lowers a
+            brain's 99.5th percentile, which brightens the whole scan in its own frame) is not written into the input.
         seed: seed of every random draw, so the same call gives the same output.
         fixed_point_iterations: refinements per inversion step (see `invert_latents`).
         precision: "fp32", "bf16" (CPU or CUDA) or "fp16" (CUDA).
@@ -114,6 +92,7 @@ class CounterfactualInferer(Inferer):
         mask_smoothing: float = 1.0,
         num_samples: int = 1,
         sample_jitter: float = 0.1,
+        keep_intensity_scale: bool = False,
         seed: int = 0,
         fixed_point_iterations: int = 1,
         precision: str = "fp32",
@@ -147,6 +126,7 @@ class CounterfactualInferer(Inferer):
         self.composition, self.auto_mask = composition, as_flag(auto_mask, "auto_mask")
         self.mask_threshold, self.mask_smoothing = float(mask_threshold), float(mask_smoothing)
         self.num_samples, self.sample_jitter, self.seed = num_samples, sample_jitter, seed
+        self.keep_intensity_scale = as_flag(keep_intensity_scale, "keep_intensity_scale")
         self.fixed_point_iterations, self.precision = fixed_point_iterations, precision
         self.progress, self.paired = as_flag(progress, "progress"), as_flag(paired, "paired")
         self.compile, self._compiled = as_flag(compile, "compile"), {}
@@ -214,6 +194,10 @@ class CounterfactualInferer(Inferer):
                 )  # fmt: skip
             with precision_context(inputs.device, self.precision):
                 images = network.decode(latent).float()
+            if self.keep_intensity_scale:
+                images = match_intensity_scale(
+                    images, reconstruction.repeat(len(images) // len(inputs), *[1] * (images.ndim - 1))
+                )
             counterfactuals.append(images[: len(inputs)])
             references.append(images[len(inputs) :] if self.runs_reference else None)
         return self._result(inputs, counterfactuals, references, reconstruction, z0)
@@ -306,6 +290,14 @@ def edit_mask(
     if smoothing > 0:
         mask = blur(mask)
     return torch.where(mask < 0.01, torch.zeros_like(mask), mask.clamp(0, 1))
+
+
+def match_intensity_scale(images: torch.Tensor, base: torch.Tensor, floor: float = 0.1) -> torch.Tensor:
+    """`images` each divided by the median of images / base over base's foreground (base > floor; 1 without one)."""
+    scales = [
+        (i[b > floor] / b[b > floor]).median() if (b > floor).any() else i.new_ones(()) for i, b in zip(images, base)
+    ]
+    return images / torch.stack(scales).clamp_min(1e-3).reshape(-1, *[1] * (images.ndim - 1))
 
 
 def compose(

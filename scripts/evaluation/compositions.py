@@ -150,7 +150,7 @@ def compare_compositions(
     mask_thresholds: Sequence[float] = (1.0, 2.0, 3.0, 4.0, 6.0),
     min_share_kept: float = 0.9,
     share_floor_variant: str = "none",
-    truth_frame: str = "own",
+    truth_frame: str = "input",
     evaluator_dir: str | None = None,
     predictor_channels: Sequence[int] = (),
     segmenter_channels: Sequence[int] = (),
@@ -163,9 +163,10 @@ def compare_compositions(
     `min_share_kept` of the share of the true change that `share_floor_variant` reaches (the raw decode, "none";
     "reference" where the raw decode's share is inflated by the autoencoder's blur). Run it on a validation
     split to choose `composition` / `mask_threshold`, then score held-out scans with the chosen values.
-    `truth_frame` "own" scales each truth by its own intensity percentiles, as the preprocessing does any scan;
-    "input" re-expresses it in its input's (`in_input_frame`), the frame the written counterfactual is in: a change
-    of the percentiles themselves (atrophy lowers a brain's 99.5th) then counts as the error it is in the output.
+    `truth_frame` "input" (the default) re-expresses each truth in its input's intensity scaling (`in_input_frame`),
+    the frame the written counterfactual is in, so a change of the percentiles themselves (atrophy lowers a brain's
+    99.5th) counts as the error it is in the output; "own" scales each truth by its own percentiles, as the
+    preprocessing does any scan (the frame of the tables measured before 2026-12-06).
     An intervention that moves a covariate both ways over the records (a "flip": adding and removing a finding) is
     also scored per direction. With trained evaluators in `evaluator_dir`, each variant's effectiveness is added
     (how often the covariate predictor reads the asked value; for age, its absolute error) and its volumes (the
@@ -248,7 +249,9 @@ def compare_compositions(
                                "share_floor_variant": share_floor_variant, "truth_frame": truth_frame,
                                "strength": inferer.strength, "guidance_scale": inferer.guidance_scale,
                                "num_inference_steps": inferer.num_inference_steps,
-                               "mask_smoothing": inferer.mask_smoothing},
+                               "mask_smoothing": inferer.mask_smoothing,
+                               "keep_intensity_scale": inferer.keep_intensity_scale,
+                               "num_samples": inferer.num_samples},
                   "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
         shutil.rmtree(staged / "truth", ignore_errors=True)
         (staged / "compositions.json").write_text(json.dumps(report, indent=4) + "\n")

@@ -13,20 +13,42 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
+from monai.inferers import Inferer
 from monai.losses import PatchAdversarialLoss
 from monai.networks.schedulers import DDIMScheduler
 from monai.visualize import plot_2d_or_3d_image
 from torch import nn
 
 from scripts.core.covariates import CovariateEncoder
-from scripts.core.inferers import precision_context
 from scripts.core.networks import LatentDriftModel
-from scripts.core.sampling import sample_latents
+from scripts.core.sampling import PRECISIONS, precision_context, sample_latents
 from scripts.io.datalist import as_flag
 from scripts.io.files import atomic_write, atomic_write_json
 from scripts.io.weights import load_weights, save_weights
 
 logger = logging.getLogger(__name__)
+
+
+class AutocastInferer(Inferer):
+    """Calls `network(inputs, *args, **kwargs)` under the chosen autocast precision and returns float32."""
+
+    def __init__(self, precision: str = "fp32") -> None:
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}.")
+        self.precision = precision
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with precision_context(inputs.device, self.precision):
+            output = network(inputs, *args, **kwargs)
+        return output.float() if isinstance(output, torch.Tensor) else output
+
+
+class ReconstructionInferer(AutocastInferer):
+    """Autoencoder reconstruction (encode to the posterior mean, decode) for stage-1 validation."""
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return super().__call__(inputs, network.reconstruct)
 
 
 def batch_tensor(
