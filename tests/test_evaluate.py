@@ -289,6 +289,12 @@ def test_composition_scores_are_perfect_for_the_truth_and_zero_for_doing_nothing
     nothing = oracle_scores(images, images, truth, changed, changed.float())
     assert nothing["gain_over_doing_nothing"] == pytest.approx(0.0) and nothing["share_of_true_change"] == 0.0
     assert nothing["mask_dice"] == pytest.approx(1.0) and nothing["mae_where_unchanged"] == 0.0
+    assert perfect["per_scan"]["gain_median"] == pytest.approx(1.0) and perfect["per_scan"]["num_scans"] == 2
+    assert nothing["per_scan"]["share_quartiles"] == pytest.approx([0.0, 0.0])
+    half = images.clone()
+    half[0] = truth[0]  # one scan made perfectly, the other left alone: quartiles span 0 to 1
+    spread = oracle_scores(half, images, truth, changed, None)["per_scan"]
+    assert spread["gain_median"] == pytest.approx(0.5) and spread["gain_quartiles"] == pytest.approx([0.25, 0.75])
     wrong_way = oracle_scores(images - (truth - images), images, truth, changed, None)
     assert wrong_way["share_of_true_change"] == pytest.approx(-1.0) and wrong_way["gain_over_doing_nothing"] < 0
 

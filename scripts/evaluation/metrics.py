@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,7 +64,8 @@ def kid(real: torch.Tensor, fake: torch.Tensor, subsets: int = 50, subset_size: 
     return float(np.mean(values)), float(np.std(values))
 
 
-def oracle_scores(output, images, truth, changed, mask) -> dict[str, float]:
+def oracle_scores(output, images, truth, changed, mask) -> dict[str, Any]:
+    """Scores against the oracle pooled over the batch, and `per_scan` medians and quartiles (`_per_scan`)."""
     mae, mae_input = (output - truth).abs().mean(), (images - truth).abs().mean()
     moved, needed = (output - images) * torch.sign(truth - images), (truth - images).abs()
     scores = {
@@ -72,11 +74,26 @@ def oracle_scores(output, images, truth, changed, mask) -> dict[str, float]:
         "mae_where_unchanged": float((output - images).abs()[~changed].mean()),
         "share_of_true_change": float(moved[changed].sum() / needed[changed].sum().clamp_min(1e-8)),
     }
+    scores["per_scan"] = _per_scan(output, images, truth, changed, moved, needed)
     if mask is not None:
         inside = mask > 0.5
         scores["mask_dice"] = float(2 * (inside & changed).sum() / (inside.sum() + changed.sum()).clamp_min(1))
         scores["mask_fraction"] = float(inside.float().mean())
     return scores
+
+
+def _per_scan(output, images, truth, changed, moved, needed) -> dict[str, Any]:
+    """Gain over doing nothing and share of the true change per scan (scans the oracle changes): median, quartiles."""
+    mae_input = (images - truth).abs().flatten(1).mean(1)
+    has_change = changed.flatten(1).any(1) & (mae_input > 0)
+    if not has_change.any():
+        return {}
+    gains = (1 - (output - truth).abs().flatten(1).mean(1) / mae_input.clamp_min(1e-12))[has_change]
+    shares = ((moved * changed).flatten(1).sum(1) / (needed * changed).flatten(1).sum(1).clamp_min(1e-8))[has_change]
+    levels = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
+    (g25, g50, g75), (s25, s50, s75) = (torch.quantile(v.double(), levels).tolist() for v in (gains, shares))
+    return {"num_scans": int(has_change.sum()), "gain_median": g50, "gain_quartiles": [g25, g75],
+            "share_median": s50, "share_quartiles": [s25, s75]}  # fmt: skip
 
 
 def effectiveness_scores(encoder, rows, targets, changed) -> dict[str, dict[str, float]]:

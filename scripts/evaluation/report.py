@@ -99,14 +99,25 @@ def compositions_markdown(report: Mapping[str, Any]) -> str:
              "to the input (x + D(E(x*)) - D(E(x))), the most any model on these autoencoder weights can show.", "",
              "Volumes (with trained evaluators): the segmenter's reading of each output against the oracle's exact "
              "label map of the truth, as median relative error (the untouched input's in brackets) and the share of "
-             "the true change made.", "",
+             "the true change made. Gain and share are pooled over the scans; in brackets, per scan: median "
+             "[lower, upper quartile].", "",
              "| intervention | variant | MAE to truth | gain over doing nothing | MAE where unchanged | share of true "
              "change | mask Dice | mask fraction | effectiveness | volumes |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for tag, table in report["interventions"].items():
         for name, v in table.items():
-            lines.append(f"| {tag} | {name} | {v['mae_to_truth']:.4f} | {v['gain_over_doing_nothing']:+.3f} | "
-                         f"{v['mae_where_unchanged']:.4f} | {v['share_of_true_change']:.3f} | "
+            scan = v.get("per_scan") or {}
+            gain, share = (
+                (
+                    f" (median {scan[f'{k}_median']:+.3f} [{scan[f'{k}_quartiles'][0]:+.3f}, "
+                    f"{scan[f'{k}_quartiles'][1]:+.3f}])"
+                    if scan
+                    else ""
+                )
+                for k in ("gain", "share")
+            )
+            lines.append(f"| {tag} | {name} | {v['mae_to_truth']:.4f} | {v['gain_over_doing_nothing']:+.3f}{gain} | "
+                         f"{v['mae_where_unchanged']:.4f} | {v['share_of_true_change']:.3f}{share} | "
                          f"{_fmt(v.get('mask_dice', '-'))} | {_fmt(v.get('mask_fraction', '-'))} | "
                          f"{', '.join(f'{k} {x:.2f}' for k, x in v.get('effectiveness', {}).items())} | "
                          f"{_volumes_cell(v.get('volumes', {}))} |")  # fmt: skip
