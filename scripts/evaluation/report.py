@@ -107,21 +107,21 @@ def compositions_markdown(report: Mapping[str, Any]) -> str:
     for tag, table in report["interventions"].items():
         for name, v in table.items():
             scan = v.get("per_scan") or {}
-            gain, share = (
-                (
-                    f" (median {scan[f'{k}_median']:+.3f} [{scan[f'{k}_quartiles'][0]:+.3f}, "
-                    f"{scan[f'{k}_quartiles'][1]:+.3f}])"
-                    if scan
-                    else ""
-                )
-                for k in ("gain", "share")
-            )
+            gain, share = _per_scan_cell(scan, "gain"), _per_scan_cell(scan, "share")
             lines.append(f"| {tag} | {name} | {v['mae_to_truth']:.4f} | {v['gain_over_doing_nothing']:+.3f}{gain} | "
                          f"{v['mae_where_unchanged']:.4f} | {v['share_of_true_change']:.3f}{share} | "
                          f"{_fmt(v.get('mask_dice', '-'))} | {_fmt(v.get('mask_fraction', '-'))} | "
                          f"{', '.join(f'{k} {x:.2f}' for k, x in v.get('effectiveness', {}).items())} | "
                          f"{_volumes_cell(v.get('volumes', {}))} |")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _per_scan_cell(scan: Mapping[str, Any], key: str) -> str:
+    """` (median +0.04 [-0.01, +0.08])` for a per-scan score of the composition table; empty without one."""
+    if not scan:
+        return ""
+    low, high = scan[f"{key}_quartiles"]
+    return f" (median {scan[f'{key}_median']:+.3f} [{low:+.3f}, {high:+.3f}])"
 
 
 def _volumes_cell(volumes: Mapping[str, Mapping[str, float]]) -> str:
