@@ -47,6 +47,10 @@ def test_designs_and_the_default_composition_are_checked_before_any_work(tmp_pat
         with pytest.raises(ValueError, match="designs"):
             conditioning.check_designs(bad)
     assert conditioning.default_variant(["configs/inference.json", "configs/chest_xray_2d.json"]) == (
+        "reconstruction+mask@8"
+    )
+    earlier = {"mask_threshold": 4.0, "mask_signed_smoothing": 0.0}  # how the 2026-12-05 tables were scored
+    assert conditioning.default_variant(["configs/inference.json", "configs/chest_xray_2d.json"], earlier) == (
         "reconstruction+mask@4"
     )
     with pytest.raises(ValueError, match="designs"):

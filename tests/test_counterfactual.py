@@ -185,6 +185,23 @@ def test_the_automatic_mask_covers_a_large_change_and_nothing_far_from_it():
     assert not edit_mask(torch.zeros_like(change), chain_noise).any()
 
 
+def test_signed_smoothing_drops_a_redrawn_edge_and_keeps_a_one_signed_change():
+    generator = torch.Generator().manual_seed(8)
+    coarse = torch.randn(1, 1, 6, 6, generator=generator)  # the chain's own change is smooth, not white
+    chain_change = 0.02 * torch.nn.functional.interpolate(coarse, size=(48, 48), mode="bilinear")
+    change = chain_change.clone()
+    change[..., 8:40, 10] += 0.3  # an edge drawn one voxel further out: a +/- pair of thin lines
+    change[..., 8:40, 11] -= 0.3
+    change[..., 24:34, 28:38] += 0.2  # a one-signed change (fluid added)
+    unsigned = edit_mask(change, chain_change, threshold=4.0, smoothing=1.0)
+    signed = edit_mask(change, chain_change, threshold=4.0, smoothing=1.0, signed_smoothing=2.0)
+    assert unsigned[..., 24, 10] > 0.9 and signed[..., 24, 10] == 0, "the +/- pair cancels only when signed"
+    assert unsigned[..., 29, 33] > 0.9 and signed[..., 29, 33] > 0.9, "the one-signed change stays in both"
+    assert signed.mean() < 0.1 < unsigned.mean(), "little beyond the added fluid when signed"
+    with pytest.raises(ValueError, match="mask_signed_smoothing"):
+        CounterfactualInferer(scheduler(), mask_signed_smoothing=-1.0)
+
+
 def test_a_global_rescale_is_taken_out_and_a_local_change_kept():
     base = torch.zeros(2, 1, 32, 32)
     base[..., 4:28, 4:28] = torch.rand(2, 1, 24, 24, generator=torch.Generator().manual_seed(7)) * 0.8 + 0.2

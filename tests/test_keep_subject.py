@@ -86,7 +86,7 @@ def test_the_marginal_schedule_alone_runs_at_the_weights_delta_and_says_so(untra
 
 @pytest.mark.parametrize("modality", ["brain", "chest"])
 def test_readme_counterfactual_without_composition_is_unchanged_by_the_refactor(bundle_cli, tmp_path, modality):
-    """Golden values (block means) of README command 1 and the chest preset, recorded before the weights format."""
+    """Golden values (block means) of configs/inference.json (the brain inversion weights) and the chest preset."""
     golden = json.loads((BUNDLE_ROOT / "tests" / "golden" / "readme_counterfactual.json").read_text())[modality]
     preset = {"brain": "brain_mri_3d.json", "chest": "chest_xray_2d.json"}[modality]
     out = tmp_path / modality

@@ -59,9 +59,10 @@ def test_shipped_paired_interval_weights_load_strictly_under_their_overlays():
     assert float(network.denoiser.interval_gain) == 10.0
     assert float(network.residual_scale) > 2 * float(network.scale_factor), "a follow-up change is smaller than a scan"
     assert len(metadata["reconstruction_error"]["values"]) >= 30, "the OOD profile of the validation baseline scans"
-    # the defaults its held-out scores were measured at (docs/results.md, "Keeping the input's intensity scale")
+    # the defaults its held-out scores were measured at (docs/results.md, "The edit mask: signed smoothing")
     inferer = parser.get_parsed_content("inferer")
     assert inferer.keep_intensity_scale and inferer.num_samples == 4 and inferer.guidance_scale == 3.0
+    assert (inferer.mask_threshold, inferer.mask_signed_smoothing) == (6.0, 1.0)
 
 
 def test_saved_weights_round_trip_with_their_metadata(tmp_path):

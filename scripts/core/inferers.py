@@ -57,6 +57,8 @@ class CounterfactualInferer(Inferer):
         mask_threshold: the mask's threshold, in units of the reference chain's own change |D(z_ref) - D(E(x))|
             (its 90th percentile over the image; see `edit_mask`).
         mask_smoothing: Gaussian sigma (network voxels) of the mask's smoothing and soft edge.
+        mask_signed_smoothing: sigma > 0 smooths the *signed* changes before their size is compared (`edit_mask`),
+            so an edge the chain merely re-draws (a +/- pair) cancels while a one-signed change stays.
         num_samples: n > 1 draws n counterfactuals and returns their mean and per-voxel std. Each draw starts from
             the inverted latent mixed with fresh noise, sqrt(1 - j²) z_t0 + j ε (variance preserving, j =
             `sample_jitter`); n = 1 uses the inverted latent as it is (deterministic).
@@ -90,6 +92,7 @@ class CounterfactualInferer(Inferer):
         auto_mask: bool = True,
         mask_threshold: float = 2.0,
         mask_smoothing: float = 1.0,
+        mask_signed_smoothing: float = 0.0,
         num_samples: int = 1,
         sample_jitter: float = 0.1,
         keep_intensity_scale: bool = False,
@@ -113,10 +116,9 @@ class CounterfactualInferer(Inferer):
             raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}.")
         if composition not in COMPOSITIONS:
             raise ValueError(f"composition must be one of {COMPOSITIONS}, got {composition!r}.")
-        if not mask_threshold > 0 or not mask_smoothing >= 0:
-            raise ValueError(
-                f"mask_threshold must be > 0 and mask_smoothing >= 0, got {mask_threshold}, {mask_smoothing}."
-            )
+        if not mask_threshold > 0 or not min(mask_smoothing, mask_signed_smoothing) >= 0:
+            raise ValueError(f"mask_threshold must be > 0 and mask_smoothing, mask_signed_smoothing >= 0, got "
+                             f"{mask_threshold}, {mask_smoothing}, {mask_signed_smoothing}.")  # fmt: skip
         if delta is None and drift_schedule is not None:
             LatentDrift(0.0, drift_schedule)  # an unknown schedule fails here, before any compute
         self.scheduler, self.num_inference_steps, self.strength = scheduler, num_inference_steps, strength
@@ -125,6 +127,7 @@ class CounterfactualInferer(Inferer):
         self.override = LatentDrift(delta, drift_schedule or "paper") if delta is not None else None
         self.composition, self.auto_mask = composition, as_flag(auto_mask, "auto_mask")
         self.mask_threshold, self.mask_smoothing = float(mask_threshold), float(mask_smoothing)
+        self.mask_signed_smoothing = float(mask_signed_smoothing)
         self.num_samples, self.sample_jitter, self.seed = num_samples, sample_jitter, seed
         self.keep_intensity_scale = as_flag(keep_intensity_scale, "keep_intensity_scale")
         self.fixed_point_iterations, self.precision = fixed_point_iterations, precision
@@ -245,9 +248,9 @@ class CounterfactualInferer(Inferer):
             change = stacked.mean(0) - inputs.float()
         mask = torch.ones_like(change)
         if self.auto_mask:
-            reference_change = (torch.stack(references).mean(0) - reconstruction).abs()
+            reference_change = torch.stack(references).mean(0) - reconstruction
             mask = edit_mask((stacked - torch.stack(references)).mean(0), reference_change, self.mask_threshold,
-                             self.mask_smoothing)  # fmt: skip
+                             self.mask_smoothing, self.mask_signed_smoothing)  # fmt: skip
         error = (reconstruction - inputs.float()).abs().flatten(1).mean(1)
         return {"counterfactual": stacked.mean(0), "change": change, "edit_mask": mask, "std": std,
                 "reconstruction": reconstruction, "reconstruction_error": error, "latent": z0}  # fmt: skip
@@ -265,29 +268,33 @@ class CounterfactualInferer(Inferer):
         return {key: result[key] for key in ("counterfactual", "change", "edit_mask", "std", "reconstruction_error")}
 
 
-def edit_mask(
-    change: torch.Tensor, reference_change: torch.Tensor, threshold: float = 2.0, smoothing: float = 1.0
-) -> torch.Tensor:
+def edit_mask(change: torch.Tensor, reference_change: torch.Tensor, threshold: float = 2.0, smoothing: float = 1.0,
+              signed_smoothing: float = 0.0) -> torch.Tensor:  # fmt: skip
     """
     Where the counterfactual's change is significant: a soft mask in [0, 1] per image (B, C, *spatial).
 
-    The change's magnitude (smoothed with a Gaussian of sigma `smoothing` voxels) is compared with the reference
-    chain's own change |D(z_ref) - D(E(x))| (what inversion and resampling alter without any covariate change),
-    taken at its 90th percentile over the image (the level most of the chain's own noise stays under): 1 at and
-    above `threshold` times it, 0 below half of it, a smooth ramp between; the mask is smoothed
-    again for a soft edge, and values under 1% are set to exactly 0, so the output there is the input itself.
+    The change's size is compared with the size of the reference chain's own change D(z_ref) - D(E(x)) (what
+    inversion and resampling alter without any covariate change), taken at its 90th percentile over the image (the
+    level most of the chain's own noise stays under): 1 at and above `threshold` times it, 0 below half of it, a
+    smooth ramp between; the mask is smoothed again (sigma `smoothing`) for a soft edge, and values under 1% are
+    set to exactly 0, so the output there is the input itself. The size of either change is |G * change| with a
+    Gaussian G of sigma `signed_smoothing` when that is > 0 (an edge drawn slightly differently, a +/- pair,
+    cancels; a one-signed change such as added fluid stays), else G_smoothing * |change|.
     """
     spatial_dims = change.ndim - 2
-    magnitude, noise = change.abs(), reference_change
-    if smoothing > 0:
-        blur = GaussianFilter(spatial_dims, smoothing).to(change.device)
-        magnitude, noise = blur(magnitude), blur(noise)
+    blur = GaussianFilter(spatial_dims, smoothing).to(change.device) if smoothing > 0 else None
+    if signed_smoothing > 0:
+        signed = GaussianFilter(spatial_dims, signed_smoothing).to(change.device)
+        magnitude, noise = signed(change).abs(), signed(reference_change).abs()
+    else:
+        magnitude, noise = change.abs(), reference_change.abs()
+        if blur is not None:
+            magnitude, noise = blur(magnitude), blur(noise)
     scale = torch.quantile(noise.flatten(1).float(), NOISE_QUANTILE, dim=1).clamp_min(1e-4)
     scale = scale.reshape(-1, *([1] * (change.ndim - 1)))
-    ratio = (magnitude / (threshold * scale) - 0.5) / 0.5
-    mask = ratio.clamp(0, 1)
+    mask = ((magnitude / (threshold * scale) - 0.5) / 0.5).clamp(0, 1)
     mask = mask * mask * (3 - 2 * mask)  # smoothstep
-    if smoothing > 0:
+    if blur is not None:
         mask = blur(mask)
     return torch.where(mask < 0.01, torch.zeros_like(mask), mask.clamp(0, 1))
 

@@ -70,10 +70,11 @@ def score_compositions(
     chains.composition, chains.auto_mask = "reference", True
     parts = run_counterfactuals(chains, network, images, source, target, batch_size, parts=True)
     references = parts["counterfactual"] - parts["change"]
-    reference_change = (references - parts["reconstruction"]).abs()
+    reference_change = references - parts["reconstruction"]
     masks = {inferer.mask_threshold: parts["edit_mask"]}
     for threshold in mask_thresholds:
-        masks[float(threshold)] = edit_mask(parts["change"], reference_change, threshold, inferer.mask_smoothing)
+        masks[float(threshold)] = edit_mask(parts["change"], reference_change, threshold, inferer.mask_smoothing,
+                                            inferer.mask_signed_smoothing)  # fmt: skip
     changed = (truth - images).abs() > UNCHANGED_TOLERANCE
     table = {}
     for composition, masked in COMPOSITION_VARIANTS:
@@ -250,6 +251,7 @@ def compare_compositions(
                                "strength": inferer.strength, "guidance_scale": inferer.guidance_scale,
                                "num_inference_steps": inferer.num_inference_steps,
                                "mask_smoothing": inferer.mask_smoothing,
+                               "mask_signed_smoothing": inferer.mask_signed_smoothing,
                                "keep_intensity_scale": inferer.keep_intensity_scale,
                                "num_samples": inferer.num_samples},
                   "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip

@@ -42,10 +42,11 @@ METRICS = (
 )
 
 
-def default_variant(configs: Sequence[str]) -> str:
-    """The composition the merged `configs` run by default, named as compositions.json names it."""
+def default_variant(configs: Sequence[str], overrides: Mapping[str, Any] | None = None) -> str:
+    """The composition the merged `configs` (with `overrides` on top) run by default, as compositions.json names it."""
     parser = ConfigParser()
     parser.read_config(list(configs))
+    parser.update(dict(overrides or {}))
     name = str(parser["composition"])
     return name + (f"+mask@{float(parser['mask_threshold']):g}" if parser["auto_mask"] else "")
 
@@ -155,7 +156,7 @@ def compare_conditioning(
     data = {**size, "dataset_dir": str(cohort), "resume": False}
     stages.run("autoencoder", shared / "autoencoder.pt", ["configs/train_autoencoder.json"],
                {**data, "ckpt_dir": str(shared), "output_dir": str(shared / "runs"), **autoencoder}, "training")  # fmt: skip
-    variant = default_variant(["configs/inference.json", preset])
+    variant = default_variant(["configs/inference.json", preset], evaluation)
     rows: dict[tuple, list] = {}
     for design in designs:
         for dropout in condition_dropouts:
