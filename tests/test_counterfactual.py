@@ -202,6 +202,20 @@ def test_signed_smoothing_drops_a_redrawn_edge_and_keeps_a_one_signed_change():
         CounterfactualInferer(scheduler(), mask_signed_smoothing=-1.0)
 
 
+def test_the_median_of_the_draws_keeps_the_change_most_draws_agree_on():
+    image, reference = torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8)
+    right, left = image.clone(), image.clone()
+    right[..., 4:, :4], left[..., 4:, 4:] = 0.6, 0.6  # fluid drawn on one side or the other
+    draws = [right, right, left]
+    parts = {reduction: CounterfactualInferer(scheduler(), num_samples=3, sample_reduction=reduction, auto_mask=False)
+             ._result(image, draws, [reference] * 3, reference, None) for reduction in ("mean", "median")}  # fmt: skip
+    torch.testing.assert_close(parts["median"]["change"], right)
+    torch.testing.assert_close(parts["mean"]["change"], (2 * right + left) / 3)
+    assert torch.equal(parts["median"]["std"], parts["mean"]["std"]) and parts["median"]["std"].max() > 0
+    with pytest.raises(ValueError, match="sample_reduction"):
+        CounterfactualInferer(scheduler(), sample_reduction="mode")
+
+
 def test_a_global_rescale_is_taken_out_and_a_local_change_kept():
     base = torch.zeros(2, 1, 32, 32)
     base[..., 4:28, 4:28] = torch.rand(2, 1, 24, 24, generator=torch.Generator().manual_seed(7)) * 0.8 + 0.2

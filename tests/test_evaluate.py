@@ -270,7 +270,11 @@ def test_compositions_run_scores_every_variant_and_recommends_one(chest_cohort, 
         assert {"cardiothoracic_ratio", "effusion_fraction"} <= set(scores["volumes"])  # the segmenter's reading
     assert 0 <= table["reference+mask@1"]["mask_dice"] <= 1
     assert report["recommended"]["variant"] in report["recommended"]["eligible"]
-    assert "autoencoder_ceiling" in table and "autoencoder_ceiling" not in report["recommended"]["eligible"]
+    for ceiling in ("autoencoder_ceiling", "identifiable_ceiling"):
+        assert ceiling in table and ceiling not in report["recommended"]["eligible"]
+    adding = report["interventions"]["effusion=flip [effusion 0->1]"]["identifiable_ceiling"]
+    removing = report["interventions"]["effusion=flip [effusion 1->0]"]["identifiable_ceiling"]
+    assert removing["mae_to_truth"] < 1e-3 < adding["mae_to_truth"]  # the film shows what removing needs, not adding
     directions = [tag for tag in report["interventions"] if tag.startswith("effusion=flip [")]
     assert directions, "a flip over scans with and without the finding is also scored per direction"
 

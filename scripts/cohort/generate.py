@@ -40,7 +40,7 @@ from scripts.cohort.causal_model import (
     sample_exogenous,
 )
 from scripts.cohort.chest_phantom import measure_chest
-from scripts.cohort.render import check_anatomy, check_profile, counterfactual, render
+from scripts.cohort.render import check_anatomy, check_profile, counterfactual, identifiable_counterfactual, render
 from scripts.io.files import atomic_write
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -414,12 +414,15 @@ def write_counterfactual_truth(
     changes: Mapping[str, Any],
     visit: int = 0,
     output_dir: str | os.PathLike | None = None,
+    unobserved_draws: int = 0,
 ) -> dict[str, Any]:
     """Write the ground-truth counterfactual of a cohort scan under ``changes`` (e.g. ``{"age": 80}``).
 
     Files go to ``output_dir`` (default ``<cohort_dir>/counterfactuals``): ``images/<stem>``, ``labels/<stem>``
     and ``<stem>.json`` with the factual and counterfactual covariates and measurements, where ``<stem>`` is
     ``sub-XXXX_visit-V_cf-<change>``. Returns that JSON content with absolute ``image``/``label`` paths.
+    ``unobserved_draws`` > 0 writes instead the best counterfactual the scan alone allows (`identifiable_counterfactual`
+    over that many draws; stem suffix ``_identifiable``, and ``unobserved_factors`` in the JSON).
     """
     subject_info = load_subject(cohort_dir, subject)
     visits = subject_info["visits"]
@@ -430,10 +433,16 @@ def write_counterfactual_truth(
     factual = dict(visits[visit])
     spacing = subject_info["spacing"]
     grid = {"shape": subject_info["shape"], "spacing": spacing, "profile": subject_info["profile"]}
-    image, label = counterfactual(modality, u, factual, changes, **grid, anatomy=anatomy)
+    hidden = None
+    if unobserved_draws:
+        image, label, hidden = identifiable_counterfactual(
+            modality, u, factual, changes, draws=unobserved_draws, **grid, anatomy=anatomy
+        )
+    else:
+        image, label = counterfactual(modality, u, factual, changes, **grid, anatomy=anatomy)
     target = {**factual, **changes}
     tag = "_".join(f"{k}-{v}" for k, v in sorted(changes.items())) or "none"
-    stem = f"{subject}_visit-{visit}_cf-{tag}"
+    stem = f"{subject}_visit-{visit}_cf-{tag}" + ("_identifiable" if unobserved_draws else "")
     folder = os.path.abspath(os.fspath(output_dir or os.path.join(os.fspath(cohort_dir), "counterfactuals")))
     image_rel, label_rel = _write_pair(modality, folder, stem, image, label, spacing or 0.0)
     measure = measure_brain(label, spacing) if modality == "brain" else measure_chest(label)
@@ -447,5 +456,7 @@ def write_counterfactual_truth(
         "image": os.path.join(folder, image_rel),
         "label": os.path.join(folder, label_rel),
     }
+    if hidden is not None:
+        summary.update({"unobserved_factors": hidden, "unobserved_draws": int(unobserved_draws)})
     _write_json(os.path.join(folder, f"{stem}.json"), summary)
     return summary

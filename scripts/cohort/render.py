@@ -4,6 +4,7 @@ subject.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -11,7 +12,14 @@ import numpy as np
 from scipy import ndimage
 
 from scripts.cohort.brain_phantom import render_brain
-from scripts.cohort.causal_model import ANATOMIES, BINARY_FINDINGS, BrainExogenous, ChestExogenous, check_modality
+from scripts.cohort.causal_model import (
+    ANATOMIES,
+    BINARY_FINDINGS,
+    BrainExogenous,
+    ChestExogenous,
+    check_modality,
+    sample_exogenous,
+)
 from scripts.cohort.chest_phantom import render_chest
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -106,3 +114,79 @@ def counterfactual(
         raise ValueError(f"changes has unknown {modality} covariates {unknown}; allowed: {list(allowed)}.")
     target = {**covariates, **changes}
     return render(modality, u, target, shape=shape, spacing=spacing, profile=profile, anatomy=anatomy)
+
+
+def prior_draw(modality: str, anatomy: str, rng: np.random.Generator) -> BrainExogenous | ChestExogenous | Any:
+    """One draw of exogenous factors from the prior of ``modality`` / ``anatomy``."""
+    if check_anatomy(modality, anatomy) == "mni152":
+        from scripts.cohort.mni152 import sample_mni152_exogenous
+
+        return sample_mni152_exogenous(rng)
+    return sample_exogenous(modality, rng)
+
+
+_UNOBSERVED: dict[tuple, tuple[str, ...]] = {}
+
+
+def unobserved_factors(
+    modality: str, u: Any, covariates: Mapping[str, Any], rng: np.random.Generator, **grid: Any
+) -> list[str]:
+    """
+    The exogenous factors this scan does not show: redrawn from the prior (twice, each time to another value), the
+    rendered scan stays identical to the voxel. Example: a film without an effusion does not show the side or the
+    height an effusion would take (``effusion_side``, ``effusion_height``), so no model can read them from it.
+    """
+    key = (modality, repr(u), repr(sorted(covariates.items())), repr(sorted(grid.items())))
+    if key in _UNOBSERVED:  # a property of the scan; evaluations ask it once per intervention
+        return list(_UNOBSERVED[key])
+    scan = render(modality, u, covariates, **grid)[0]
+    hidden = []
+    for field in dataclasses.fields(u):
+        current, unchanged = getattr(u, field.name), True
+        for _ in range(2):
+            values = (getattr(prior_draw(modality, grid.get("anatomy", "phantom"), rng), field.name) for _ in range(8))
+            other = next((v for v in values if v != current), None)
+            if other is None or not np.array_equal(render(modality, dataclasses.replace(u, **{field.name: other}),
+                                                          covariates, **grid)[0], scan):  # fmt: skip
+                unchanged = False
+                break
+        if unchanged:
+            hidden.append(field.name)
+    _UNOBSERVED[key] = tuple(hidden)
+    return hidden
+
+
+def identifiable_counterfactual(
+    modality: str,
+    u: Any,
+    covariates: Mapping[str, Any],
+    changes: Mapping[str, Any],
+    draws: int = 32,
+    seed: int = 0,
+    **grid: Any,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """
+    The best counterfactual any model can infer from the scan alone, and the factors it could not know: per voxel,
+    the median (the value closest in absolute error on average) of the exact counterfactuals over ``draws`` redraws
+    of the factors the scan does not show (`unobserved_factors`), with the per-voxel most frequent label. Where the
+    scan shows every factor the counterfactual needs, this is the exact counterfactual. Example: adding an effusion
+    to a film without one, the side and height of the fluid are unknown; the median puts fluid where most draws do.
+    """
+    if draws < 1:
+        raise ValueError(f"draws must be at least 1, got {draws}.")
+    rng = np.random.default_rng(seed)
+    hidden = unobserved_factors(modality, u, covariates, rng, **grid)
+    if not hidden:
+        image, label = counterfactual(modality, u, covariates, changes, **grid)
+        return image, label, hidden
+    images, labels = [], []
+    for _ in range(draws):
+        prior = prior_draw(modality, grid.get("anatomy", "phantom"), rng)
+        drawn = dataclasses.replace(u, **{name: getattr(prior, name) for name in hidden})
+        image, label = counterfactual(modality, drawn, covariates, changes, **grid)
+        images.append(image)
+        labels.append(label)
+    stacked = np.stack(labels)
+    ids = np.unique(stacked)
+    counts = np.stack([(stacked == i).sum(0) for i in ids])
+    return np.median(np.stack(images), 0).astype(images[0].dtype), ids[counts.argmax(0)].astype(labels[0].dtype), hidden

@@ -59,10 +59,10 @@ class CounterfactualInferer(Inferer):
         mask_smoothing: Gaussian sigma (network voxels) of the mask's smoothing and soft edge.
         mask_signed_smoothing: sigma > 0 smooths the *signed* changes before their size is compared (`edit_mask`),
             so an edge the chain merely re-draws (a +/- pair) cancels while a one-signed change stays.
-        num_samples: n > 1 draws n counterfactuals and returns their mean and per-voxel std. Each draw starts from
-            the inverted latent mixed with fresh noise, sqrt(1 - j²) z_t0 + j ε (variance preserving, j =
-            `sample_jitter`); n = 1 uses the inverted latent as it is (deterministic).
-        sample_jitter: j above, in [0, 1].
+        num_samples: n > 1 draws n counterfactuals and returns their `sample_reduction` ("mean" or per-voxel
+            "median": with diverse draws, the change most of them agree on, e.g. the side an added effusion takes)
+            and per-voxel std. Each draw starts from the inverted latent mixed with fresh noise, sqrt(1 - j²) z_t0
+            + j ε (variance preserving, j = `sample_jitter` in [0, 1]); n = 1 uses the inverted latent as it is.
         keep_intensity_scale: divide each chain's decode by its median ratio to D(E(x)) over the foreground (> 0.1),
             so that a global intensity rescale the model learnt from self-scaled training scans (atrophy lowers a
             brain's 99.5th percentile, which brightens the whole scan in its own frame) is not written into the input.
@@ -95,6 +95,7 @@ class CounterfactualInferer(Inferer):
         mask_signed_smoothing: float = 0.0,
         num_samples: int = 1,
         sample_jitter: float = 0.1,
+        sample_reduction: str = "mean",
         keep_intensity_scale: bool = False,
         seed: int = 0,
         fixed_point_iterations: int = 1,
@@ -110,6 +111,8 @@ class CounterfactualInferer(Inferer):
             raise ValueError("num_samples and num_inference_steps must be at least 1.")
         if not 0.0 <= sample_jitter <= 1.0:
             raise ValueError(f"sample_jitter must be in [0, 1], got {sample_jitter}.")
+        if sample_reduction not in ("mean", "median"):
+            raise ValueError(f"sample_reduction must be 'mean' or 'median', got {sample_reduction!r}.")
         if guidance_scale != 1.0 and null_condition is None:
             raise ValueError("guidance_scale != 1 needs the null condition (covariate_encoder.null()).")
         if precision not in PRECISIONS:
@@ -128,10 +131,10 @@ class CounterfactualInferer(Inferer):
         self.composition, self.auto_mask = composition, as_flag(auto_mask, "auto_mask")
         self.mask_threshold, self.mask_smoothing = float(mask_threshold), float(mask_smoothing)
         self.mask_signed_smoothing = float(mask_signed_smoothing)
-        self.num_samples, self.sample_jitter, self.seed = num_samples, sample_jitter, seed
+        self.num_samples, self.sample_jitter, self.sample_reduction = num_samples, sample_jitter, sample_reduction
         self.keep_intensity_scale = as_flag(keep_intensity_scale, "keep_intensity_scale")
         self.fixed_point_iterations, self.precision = fixed_point_iterations, precision
-        self.progress, self.paired = as_flag(progress, "progress"), as_flag(paired, "paired")
+        self.progress, self.paired, self.seed = as_flag(progress, "progress"), as_flag(paired, "paired"), seed
         self.compile, self._compiled = as_flag(compile, "compile"), {}
 
     def resolve_drift(self, network: LatentDriftModel) -> LatentDrift:
@@ -238,21 +241,17 @@ class CounterfactualInferer(Inferer):
         return starts, timesteps, conditions, null
 
     def _result(self, inputs, counterfactuals, references, reconstruction, z0) -> dict[str, torch.Tensor]:
-        stacked = torch.stack(counterfactuals)
+        stacked, refs = torch.stack(counterfactuals), torch.stack(references) if self.runs_reference else None
+        reduce = (lambda t: t.median(0).values) if self.sample_reduction == "median" else (lambda t: t.mean(0))
         std = stacked.std(0) if self.num_samples > 1 else torch.zeros_like(stacked[0])
-        if self.composition == "reference":
-            change = (stacked - torch.stack(references)).mean(0)
-        elif self.composition == "reconstruction":
-            change = stacked.mean(0) - reconstruction
-        else:
-            change = stacked.mean(0) - inputs.float()
+        base = reconstruction if self.composition == "reconstruction" else inputs.float()
+        change = reduce(stacked - refs) if self.composition == "reference" else reduce(stacked) - base
         mask = torch.ones_like(change)
         if self.auto_mask:
-            reference_change = torch.stack(references).mean(0) - reconstruction
-            mask = edit_mask((stacked - torch.stack(references)).mean(0), reference_change, self.mask_threshold,
+            mask = edit_mask(reduce(stacked - refs), reduce(refs) - reconstruction, self.mask_threshold,
                              self.mask_smoothing, self.mask_signed_smoothing)  # fmt: skip
         error = (reconstruction - inputs.float()).abs().flatten(1).mean(1)
-        return {"counterfactual": stacked.mean(0), "change": change, "edit_mask": mask, "std": std,
+        return {"counterfactual": reduce(stacked), "change": change, "edit_mask": mask, "std": std,
                 "reconstruction": reconstruction, "reconstruction_error": error, "latent": z0}  # fmt: skip
 
     def __call__(  # type: ignore[override]

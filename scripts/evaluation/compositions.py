@@ -40,6 +40,11 @@ COMPOSITION_VARIANTS = (
 # x + D(E(x*)) - D(E(x)). It reads the truth, so it is the most any latent model with these autoencoder weights
 # can show, and it never enters the recommendation.
 CEILING = "autoencoder_ceiling"
+# Nor this: the oracle's best counterfactual from the input scan alone (scripts/cohort/render.py
+# `identifiable_counterfactual`): the exogenous factors the scan does not show (where an added effusion collects)
+# are redrawn and the per-voxel median taken. No model, however good, can be expected to beat it on average.
+IDENTIFIABLE = "identifiable_ceiling"
+CEILINGS = (CEILING, IDENTIFIABLE)
 
 
 def autoencoder_ceiling(network: Any, images: torch.Tensor, truth: torch.Tensor, batch_size: int, precision: str):
@@ -152,6 +157,7 @@ def compare_compositions(
     min_share_kept: float = 0.9,
     share_floor_variant: str = "none",
     truth_frame: str = "input",
+    identifiable_draws: int = 32,
     evaluator_dir: str | None = None,
     predictor_channels: Sequence[int] = (),
     segmenter_channels: Sequence[int] = (),
@@ -168,6 +174,7 @@ def compare_compositions(
     the frame the written counterfactual is in, so a change of the percentiles themselves (atrophy lowers a brain's
     99.5th) counts as the error it is in the output; "own" scales each truth by its own percentiles, as the
     preprocessing does any scan (the frame of the tables measured before 2026-12-06).
+    `identifiable_draws` > 0 adds the `identifiable_ceiling` row over that many draws (0 leaves it out).
     An intervention that moves a covariate both ways over the records (a "flip": adding and removing a finding) is
     also scored per direction. With trained evaluators in `evaluator_dir`, each variant's effectiveness is added
     (how often the covariate predictor reads the asked value; for age, its absolute error) and its volumes (the
@@ -200,16 +207,17 @@ def compare_compositions(
         tables = {}
         for spec in interventions:
             targets = [apply_intervention(encoder, r, spec) for r in records]
-            truths = [
-                load_truth(
-                    cohort_dir, r, requested_changes(encoder, r, t), truth_transform, staged / "truth", image_size
-                )
-                for r, t in zip(records, targets)
-            ]
-            truth = torch.stack([torch.as_tensor(t[0]).as_subclass(torch.Tensor) for t in truths])
-            if truth_frame == "input":
-                truth = torch.stack([in_input_frame(item, t[0].meta["intensity_range"], low_high)
-                                     for item, t, low_high in zip(truth, truths, input_ranges)])  # fmt: skip
+
+            def oracle(draws: int) -> tuple[torch.Tensor, list]:
+                loaded = [load_truth(cohort_dir, r, requested_changes(encoder, r, t), truth_transform,
+                                     staged / "truth", image_size, draws) for r, t in zip(records, targets)]  # fmt: skip
+                stacked = torch.stack([torch.as_tensor(t[0]).as_subclass(torch.Tensor) for t in loaded])
+                if truth_frame == "input":
+                    stacked = torch.stack([in_input_frame(item, t[0].meta["intensity_range"], low_high)
+                                           for item, t, low_high in zip(stacked, loaded, input_ranges)])  # fmt: skip
+                return stacked, loaded
+
+            truth, truths = oracle(0)
             exact = [E.measure(t[1][0].numpy(), spatial_dims, spacing) for t in truths]
             target = torch.stack([encoder.encode(t).reshape(1, -1) for t in targets]).float()
             outputs: dict[str, torch.Tensor] = {}
@@ -219,6 +227,9 @@ def compare_compositions(
             outputs[CEILING] = autoencoder_ceiling(network, images, truth, batch_size, inferer.precision)
             changed = (truth - images).abs() > UNCHANGED_TOLERANCE
             table[CEILING] = oracle_scores(outputs[CEILING], images, truth, changed, None)
+            if identifiable_draws:
+                outputs[IDENTIFIABLE] = oracle(identifiable_draws)[0]
+                table[IDENTIFIABLE] = oracle_scores(outputs[IDENTIFIABLE], images, truth, changed, None)
             readings = {}
             if predictor is not None:
                 readings = {
@@ -248,12 +259,14 @@ def compare_compositions(
                   "settings": {"datalist": str(datalist), "datalist_key": datalist_key, "num_records": len(records),
                                "unchanged_tolerance": UNCHANGED_TOLERANCE, "min_share_kept": min_share_kept,
                                "share_floor_variant": share_floor_variant, "truth_frame": truth_frame,
+                               "identifiable_draws": identifiable_draws,
                                "strength": inferer.strength, "guidance_scale": inferer.guidance_scale,
                                "num_inference_steps": inferer.num_inference_steps,
                                "mask_smoothing": inferer.mask_smoothing,
                                "mask_signed_smoothing": inferer.mask_signed_smoothing,
                                "keep_intensity_scale": inferer.keep_intensity_scale,
-                               "num_samples": inferer.num_samples},
+                               "num_samples": inferer.num_samples, "sample_jitter": inferer.sample_jitter,
+                               "sample_reduction": inferer.sample_reduction},
                   "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
         shutil.rmtree(staged / "truth", ignore_errors=True)
         (staged / "compositions.json").write_text(json.dumps(report, indent=4) + "\n")
@@ -309,7 +322,7 @@ def _add_volumes(table, measured, exact, indices) -> None:
 def _recommended(
     tables: Mapping[str, Mapping[str, Mapping[str, float]]], min_share_kept: float, floor_variant: str = "none"
 ) -> dict[str, Any]:
-    names = [name for name in next(iter(tables.values())) if name != CEILING]
+    names = [name for name in next(iter(tables.values())) if name not in CEILINGS]
     first = next(iter(tables.values()))
     mean = {n: {k: float(np.mean([t[n][k] for t in tables.values()])) for k, v in first[n].items()
                 if isinstance(v, float)} for n in names}  # fmt: skip

@@ -109,12 +109,17 @@ def intervention_tag(spec: Mapping[str, Any]) -> str:
 
 
 def load_truth(
-    cohort_dir: str, record: Mapping, changes: Mapping, transform: Callable, folder: Path, image_size
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The oracle's counterfactual image (through the bundle preprocessing) and label map, on the network grid."""
+    cohort_dir: str, record: Mapping, changes: Mapping, transform: Callable, folder: Path, image_size,
+    unobserved_draws: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """
+    The oracle's counterfactual image (through the bundle preprocessing) and label map, on the network grid;
+    `unobserved_draws` > 0: the best counterfactual the scan alone allows (`identifiable_counterfactual`) instead.
+    """
     truth = generate.write_counterfactual_truth(
-        cohort_dir, str(record["subject"]), dict(changes), int(record.get("visit", 0)), output_dir=folder
-    )
+        cohort_dir, str(record["subject"]), dict(changes), int(record.get("visit", 0)), output_dir=folder,
+        unobserved_draws=unobserved_draws,
+    )  # fmt: skip
     covariates = {k: v for k, v in truth["counterfactual_covariates"].items() if k not in ("image", "label")}
     image = torch.as_tensor(transform({**covariates, "image": truth["image"]})["image"]).float()
     label = torch.as_tensor(np.asarray(LoadImage(image_only=True, ensure_channel_first=True)(truth["label"]))).long()

@@ -96,7 +96,9 @@ def compositions_markdown(report: Mapping[str, Any]) -> str:
              f"variants keeping >= {report['settings']['min_share_kept']:g}x the share of the true change of "
              f"`{report['settings'].get('share_floor_variant', 'none')}`). "
              "`autoencoder_ceiling` is not a choice: it adds the autoencoder's rendering of the true change "
-             "to the input (x + D(E(x*)) - D(E(x))), the most any model on these autoencoder weights can show.", "",
+             "to the input (x + D(E(x*)) - D(E(x))), the most any model on these autoencoder weights can show. "
+             "Nor is `identifiable_ceiling`: the oracle's per-voxel median over the factors the input does not show "
+             "(where an added finding would lie), the most any model can infer from the input alone.", "",
              "Volumes (with trained evaluators): the segmenter's reading of each output against the oracle's exact "
              "label map of the truth, as median relative error (the untouched input's in brackets) and the share of "
              "the true change made. Gain and share are pooled over the scans; in brackets, per scan: median "
