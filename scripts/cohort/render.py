@@ -128,19 +128,17 @@ def prior_draw(modality: str, anatomy: str, rng: np.random.Generator) -> BrainEx
 _UNOBSERVED: dict[tuple, tuple[str, ...]] = {}
 
 
-def unobserved_factors(
-    modality: str, u: Any, covariates: Mapping[str, Any], rng: np.random.Generator, **grid: Any
-) -> list[str]:
+def unobserved_factors(modality: str, u: Any, covariates: Mapping[str, Any], seed: int = 0, **grid: Any) -> list[str]:
     """
-    The exogenous factors this scan does not show: redrawn from the prior (twice, each time to another value), the
-    rendered scan stays identical to the voxel. Example: a film without an effusion does not show the side or the
-    height an effusion would take (``effusion_side``, ``effusion_height``), so no model can read them from it.
+    The exogenous factors this scan does not show: redrawn from the prior (twice, each time to another value, from
+    ``seed``), the rendered scan stays identical to the voxel; cached per scan. Example: a film without an effusion
+    does not show the side or the height an effusion would take (``effusion_side``, ``effusion_height``), so no
+    model can read them from it.
     """
     key = (modality, repr(u), repr(sorted(covariates.items())), repr(sorted(grid.items())))
     if key in _UNOBSERVED:  # a property of the scan; evaluations ask it once per intervention
         return list(_UNOBSERVED[key])
-    scan = render(modality, u, covariates, **grid)[0]
-    hidden = []
+    scan, rng, hidden = render(modality, u, covariates, **grid)[0], np.random.default_rng(seed), []
     for field in dataclasses.fields(u):
         current, unchanged = getattr(u, field.name), True
         for _ in range(2):
@@ -174,8 +172,7 @@ def identifiable_counterfactual(
     """
     if draws < 1:
         raise ValueError(f"draws must be at least 1, got {draws}.")
-    rng = np.random.default_rng(seed)
-    hidden = unobserved_factors(modality, u, covariates, rng, **grid)
+    hidden, rng = unobserved_factors(modality, u, covariates, **grid), np.random.default_rng(seed)
     if not hidden:
         image, label = counterfactual(modality, u, covariates, changes, **grid)
         return image, label, hidden
