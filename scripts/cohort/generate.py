@@ -37,10 +37,16 @@ from scripts.cohort.causal_model import (
     check_modality,
     check_shape,
     check_spacing,
-    sample_exogenous,
 )
 from scripts.cohort.chest_phantom import measure_chest
-from scripts.cohort.render import check_anatomy, check_profile, counterfactual, identifiable_counterfactual, render
+from scripts.cohort.render import (
+    check_anatomy,
+    check_profile,
+    counterfactual,
+    identifiable_counterfactual,
+    prior_draw,
+    render,
+)
 from scripts.io.files import atomic_write
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -202,7 +208,7 @@ def _write_cohort_subjects(
     progress = _progress(subjects, f"{modality} cohort ({anatomy})", len(subjects) * visits_per_subject)
     for subject in progress:
         subject_rng = np.random.default_rng(rng.integers(0, 2**63 - 1))
-        u = _sample_u(modality, anatomy, subject_rng)
+        u = prior_draw(modality, anatomy, subject_rng)
         sample_visits = _sample_brain_visits if modality == "brain" else _sample_chest_visits
         visits = sample_visits(subject_rng, visits_per_subject)
         records[subject] = _write_cohort_subject(output_dir, modality, subject, u, visits, grid, extras)
@@ -291,14 +297,6 @@ def _anatomy_record(anatomy: str, cohort_dir: str, write_cache: bool = True) -> 
     return {"anatomy": anatomy, "template_sha256": template.sha256}
 
 
-def _sample_u(modality: str, anatomy: str, rng: np.random.Generator) -> Any:
-    if anatomy == "mni152":
-        from scripts.cohort.mni152 import sample_mni152_exogenous
-
-        return sample_mni152_exogenous(rng)
-    return sample_exogenous(modality, rng)
-
-
 def _measure_scan(anatomy: str, label: np.ndarray, spacing: float | None) -> dict[str, float]:
     if anatomy != "mni152":
         return {}
@@ -330,7 +328,7 @@ def write_subject(
     A real ``anatomy`` records its template hash but writes no template cache (a shipped sample stays small)."""
     modality = check_modality(modality)
     check_anatomy(modality, anatomy)
-    u = _sample_u(modality, anatomy, np.random.default_rng(seed))
+    u = prior_draw(modality, anatomy, np.random.default_rng(seed))
     covariates = check_brain_covariates(covariates) if modality == "brain" else check_chest_covariates(covariates)
     shape, spacing = _grid_of(modality, anatomy, shape, spacing)
     folder = os.path.abspath(os.fspath(output_dir))
