@@ -108,6 +108,7 @@ def test_blur_keeps_the_mean_and_smooths():
 def _fake_evaluation(mae: float) -> dict:
     entry = {
         "oracle": {"counterfactual_vs_truth": {"mae": mae, "ssim": 1 - mae}},
+        "gain_and_share": {"gain_over_doing_nothing": 1 - 10 * mae, "share_of_true_change": 4 * mae},
         "effectiveness": {"effusion_accuracy": {"counterfactual": 0.5}},
         "minimality": {"mae_where_unchanged": mae / 2},
         "realism": {"counterfactual": {"kid": 0.1}},
@@ -129,7 +130,8 @@ def test_ablation_table_reports_mean_and_spread_over_seeds():
     summary = ablation.summarise(rows)
     assert summary["oracle_mae"] == pytest.approx([0.2, 0.1])
     table = ablation.markdown_table({"rows": [{"model": "fine-tuned full", "ld": "off", "summary": summary}]})
-    assert "| fine-tuned full | off | 0.2000 ± 0.1000 |" in table
+    assert "| fine-tuned full | off | -1.0000 ± 1.0000 | 0.8000 ± 0.4000 | 0.2000 ± 0.1000 |" in table
+    assert "| effusion=flip |" in table and "| fine-tuned full | off | -1.000 ± 1.000 / 0.800 ± 0.400 |" in table
 
 
 def test_ablation_rejects_bad_settings_before_any_work(tmp_path):
@@ -212,6 +214,12 @@ def test_evaluate_workflow_writes_every_score_and_the_oracle_plumbing_is_exact(c
     assert flip["effectiveness"]["effusion_accuracy"]["truth"] >= 0.75  # ... and the oracle's truths
     for key in ("volumes", "minimality", "realism", "reversibility"):
         assert flip[key]
+    # the two headline numbers: gain over doing nothing from the MAEs above, and none for the null intervention
+    headline, oracle = flip["gain_and_share"], flip["oracle"]
+    mae_ratio = oracle["counterfactual_vs_truth"]["mae"] / oracle["input_vs_truth"]["mae"]
+    assert headline["gain_over_doing_nothing"] == pytest.approx(1 - mae_ratio, rel=1e-4, abs=1e-5)
+    assert headline["per_scan"]["num_scans"] >= 1 and "gain_and_share" not in null
+    assert "## Gain over doing nothing and share of the true change" in (out / "evaluation.md").read_text()
     assert set(report["composition"]) == {"counterfactual_vs_input", "reconstruction_vs_input"}
     assert report["utility"]["num_training_images"] == 8
     assert "## Utility" in (out / "evaluation.md").read_text()

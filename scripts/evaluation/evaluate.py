@@ -8,6 +8,9 @@ Scores (docs/evaluation.md; Monteiro et al., ICLR 2023 for the axioms):
 - oracle: MAE, PSNR, SSIM, MS-SSIM of cf against x* (and, as the do-nothing baseline, of x against x*); volume
   errors of cf's segmented ventricles / hippocampus / brain (chest: cardiothoracic ratio, effusion fraction) against
   x*'s exact label map, with the segmenter's own error on x* as the floor;
+- gain and share (the two headline numbers, `gain_and_share`, absent when the oracle changes nothing): gain over
+  doing nothing 1 - MAE(cf, x*) / MAE(x, x*) and the share of the true change cf makes where the oracle changes the
+  scan, pooled and per scan (median, quartiles), as the composition table (`compositions`) scores its variants;
 - effectiveness: the anti-causal predictor's accuracy (or age error) on cf for the intervened covariates, next to
   the same on x* (ceiling) and on x (floor);
 - minimality: agreement of the predictor on cf and x for the covariates left alone, and the MAE of cf to x where
@@ -48,6 +51,7 @@ from scripts.evaluation.metrics import (
     fid,
     kid,
     minimality_scores,
+    oracle_scores,
     similarity,
     utility_scores,
     volume_scores,
@@ -378,6 +382,9 @@ def _score_intervention(
         ),
         "realism": {"counterfactual": scans.realism(cf), "truth": scans.realism(truth_images)},
     }
+    changed_voxels = (truth_images - images).abs() > UNCHANGED_TOLERANCE
+    if changed_voxels.any():  # a null intervention has no change to reach and no error to gain over
+        entry["gain_and_share"] = oracle_scores(cf, images, truth_images, changed_voxels, None)
     if axioms:
         back = run.counterfactuals(cf, target_conditions, scans.source)
         entry["reversibility"] = {"counterfactual_vs_input": similarity(back, images)}

@@ -44,11 +44,18 @@ def metrics_row(evaluation: Mapping[str, Any]) -> dict[str, float]:
     row = {
         "oracle_mae": mean([e["oracle"]["counterfactual_vs_truth"]["mae"] for e in entries]),
         "oracle_ssim": mean([e["oracle"]["counterfactual_vs_truth"]["ssim"] for e in entries]),
+        "gain": mean([e["gain_and_share"]["gain_over_doing_nothing"] for e in entries if "gain_and_share" in e]),
+        "share": mean([e["gain_and_share"]["share_of_true_change"] for e in entries if "gain_and_share" in e]),
         "effectiveness": mean([v["counterfactual"] for e in entries for k, v in e["effectiveness"].items()
                                if k.endswith("_accuracy")]),  # fmt: skip
         "minimality_mae": mean([e["minimality"]["mae_where_unchanged"] for e in entries]),
         "cf_kid": mean([e["realism"]["counterfactual"]["kid"] for e in entries]),
     }
+    for tag, e in evaluation["interventions"].items():
+        if "gain_and_share" not in e:
+            continue
+        row[f"gain {tag}"] = e["gain_and_share"]["gain_over_doing_nothing"]
+        row[f"share {tag}"] = e["gain_and_share"]["share_of_true_change"]
     if "composition" in evaluation:
         row["composition_mae"] = evaluation["composition"]["counterfactual_vs_input"]["mae"]
         row["reversibility_mae"] = mean([e["reversibility"]["counterfactual_vs_input"]["mae"] for e in entries])
@@ -66,6 +73,8 @@ def summarise(rows: Sequence[Mapping[str, float]]) -> dict[str, list[float]]:
 
 
 COLUMNS = (
+    ("gain", "gain over doing nothing ↑"),
+    ("share", "share of true change ↑"),
     ("oracle_mae", "MAE to truth ↓"),
     ("oracle_ssim", "SSIM to truth ↑"),
     ("effectiveness", "effectiveness ↑"),
@@ -85,6 +94,23 @@ def markdown_table(results: Mapping[str, Any]) -> str:
         for key, _ in COLUMNS:
             mean_std = row["summary"].get(key)
             cells.append("n/a" if mean_std is None else f"{mean_std[0]:.4f} ± {mean_std[1]:.4f}")
+        lines.append(f"| {row['model']} | {row['ld']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" + intervention_table(results)
+
+
+def intervention_table(results: Mapping[str, Any]) -> str:
+    """Gain over doing nothing / share of the true change per intervention (mean ± std over seeds)."""
+    tags = [k[len("gain ") :] for k in results["rows"][0]["summary"] if k.startswith("gain ")]
+    if not tags:
+        return ""
+    lines = ["", "gain over doing nothing / share of the true change, per intervention:", "",
+             "| model | LD (δ) | " + " | ".join(tags) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in tags) + " |"]  # fmt: skip
+    for row in results["rows"]:
+        cells = []
+        for tag in tags:
+            (gain, gain_std), (share, share_std) = row["summary"][f"gain {tag}"], row["summary"][f"share {tag}"]
+            cells.append(f"{gain:+.3f} ± {gain_std:.3f} / {share:.3f} ± {share_std:.3f}")
         lines.append(f"| {row['model']} | {row['ld']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
