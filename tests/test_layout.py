@@ -64,3 +64,29 @@ def test_a_preset_holds_only_what_differs_from_common(preset):
     overrides = json.loads((ROOT / "configs" / preset).read_text())
     assert sorted(key for key in overrides if key not in common) == [], "a preset overrides; new keys go in common"
     assert sorted(key for key, value in overrides.items() if common.get(key) == value) == [], "repeats common.json"
+
+
+STAGE_CONFIGS = {  # an experiment's settings dict -> the configs of the stage it overrides
+    "network": ["common.json"], "autoencoder": ["common.json", "train_autoencoder.json"],
+    "pretrain": ["common.json", "train_diffusion.json"], "diffusion": ["common.json", "train_diffusion.json"],
+    "finetune": ["common.json", "train_diffusion.json", "finetune.json"], "evaluators": ["train_evaluators.json"],
+    "evaluation": ["common.json", "counterfactual.json", "evaluate.json"],
+}  # fmt: skip
+
+
+def _keys(*names: str) -> set[str]:
+    return {key for name in names for key in json.loads((ROOT / "configs" / name).read_text())}
+
+
+@pytest.mark.parametrize(
+    "overlay, bases",
+    [("ablation_gpu.json", ["ablation.json"]), ("conditioning_gpu.json", ["conditioning.json"]),
+     ("gpu.json", ["common.json", "train_diffusion.json", "train_autoencoder.json"])],
+)  # fmt: skip
+def test_a_gpu_overlay_only_overrides_keys_its_configs_read(overlay, bases):
+    """A misspelt key in an overlay would be added silently and change nothing: every key must exist where it goes."""
+    overrides = json.loads((ROOT / "configs" / overlay).read_text())
+    assert sorted(set(overrides) - _keys(*bases)) == []
+    for key, value in overrides.items():  # an experiment's settings dict: keys of the configs its stage runs
+        if key in STAGE_CONFIGS:
+            assert sorted(set(value) - _keys(*STAGE_CONFIGS[key])) == [], f"{overlay}: {key}"

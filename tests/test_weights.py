@@ -120,3 +120,24 @@ def test_a_pickle_of_arbitrary_objects_is_refused_without_suggesting_to_unpickle
     with pytest.raises(ValueError, match=r"p\.pt: holds Python objects") as caught:
         read_weights(tmp_path / "p.pt")
     assert "weights_only=False" not in str(caught.value)
+
+
+def test_gpu_overlay_builds_a_wider_network_in_its_own_folder_and_default_widths_refuse_its_weights(tmp_path):
+    """configs/gpu.json on the chest preset: weights it trains name the widths the default network lacks."""
+    from monai.bundle import ConfigParser
+
+    def parsed(*names: str) -> ConfigParser:
+        parser = ConfigParser()
+        parser.read_config([str(BUNDLE_ROOT / "configs" / name) for name in names])
+        parser.update({"bundle_root": str(tmp_path), "image_size": [32, 32]})
+        return parser
+
+    gpu = parsed("inference.json", "chest_xray_2d.json", "gpu.json")
+    assert Path(gpu.get_parsed_content("model_path")) == tmp_path / "runs" / "gpu_chest" / "models" / "model.pt"
+    wide = gpu.get_parsed_content("network_def")
+    assert list(wide.denoiser.unet.block_out_channels) == [64, 128, 256]
+    network = {key: gpu.get_parsed_content(key) for key in ("spatial_dims", "unet_channels", "cross_attention_dim")}
+    save_weights(tmp_path / "wide.pt", wide, weights_metadata(None, None, network))
+    default = parsed("inference.json", "chest_xray_2d.json").get_parsed_content("network_def")
+    with pytest.raises(ValueError, match=r"does not fit .*record spatial_dims 2, unet_channels \[64, 128, 256\]"):
+        load_weights(default, str(tmp_path / "wide.pt"))

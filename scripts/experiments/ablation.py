@@ -173,12 +173,16 @@ def run_ablation(
     ld_delta: float | None = None,
     schemes: Sequence[str] = SCHEMES,
     seeds: Sequence[int] = (0, 1, 2),
+    network: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) every stage; returns the results written to `output_dir`/results.json."""
+    """
+    Run (or resume) every stage; returns the results written to `output_dir`/results.json. `network` holds config
+    overrides every training and evaluation stage shares (e.g. larger `unet_channels` on a GPU).
+    """
     _check_settings(modality, source_profile, schemes, seeds)
     root = Path(output_dir).absolute()
     stages = Stages(root, ["configs/common.json", preset], "ablation")
-    base = {"image_size": list(image_size)}
+    base = {"image_size": list(image_size), **dict(network or {})}
     counts = (source_subjects, target_train_subjects, target_test_subjects, evaluator_subjects)
     cohorts = _cohorts(stages, modality, image_size, source_profile, *counts)
     evaluator_dir = root / "evaluators"
@@ -192,7 +196,7 @@ def run_ablation(
                             "reference_datalist": str(cohorts["evaluator"] / "datalist.json"), **evaluation}  # fmt: skip
     rows, pictures = _evaluate(stages, root, runs, evaluation_overrides, preset, seeds[0])
     results = {
-        "settings": {"modality": modality, "image_size": list(image_size), "source_profile": source_profile,
+        "settings": {"modality": modality, **base, "source_profile": source_profile,
                      "source_subjects": source_subjects, "target_train_subjects": target_train_subjects,
                      "target_test_subjects": target_test_subjects, "evaluator_subjects": evaluator_subjects,
                      "autoencoder": dict(autoencoder), "pretrain": dict(pretrain), "finetune": dict(finetune),

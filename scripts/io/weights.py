@@ -137,7 +137,7 @@ def load_weights(
         hint = (
             f'The weights were trained with conditioning {trained_with}: set --conditioning "{trained_with}". ' + hint
         )
-    _check_keys(module, state, path, hint)
+    _check_keys(module, state, path, _trained_shape(metadata) + hint)
     module.load_state_dict(state, strict=True)
     if metadata is None:
         logger.info(
@@ -152,6 +152,16 @@ def load_weights(
 def trained_conditioning(metadata: Mapping[str, Any] | None) -> list[str]:
     """The conditioning design the weights' metadata records (files from before it was recorded: cross-attention)."""
     return list(((metadata or {}).get("network") or {}).get("conditioning") or ["cross_attention"])
+
+
+def _trained_shape(metadata: Mapping[str, Any] | None) -> str:
+    """`The weights record spatial_dims 3, unet_channels [64, 128, 256], ...: ` (the keys that shape the network)."""
+    network = (metadata or {}).get("network") or {}
+    keys = ("spatial_dims", "latent_channels", "autoencoder_channels", "unet_channels", "cross_attention_dim")
+    recorded = ", ".join(f"{key} {network[key]}" for key in keys if key in network)
+    return (
+        f"The weights record {recorded}: set those keys (or the overlay they were trained with). " if recorded else ""
+    )
 
 
 def is_paired(module: nn.Module) -> bool:
