@@ -219,6 +219,7 @@ def test_evaluate_workflow_writes_every_score_and_the_oracle_plumbing_is_exact(c
     mae_ratio = oracle["counterfactual_vs_truth"]["mae"] / oracle["input_vs_truth"]["mae"]
     assert headline["gain_over_doing_nothing"] == pytest.approx(1 - mae_ratio, rel=1e-4, abs=1e-5)
     assert headline["per_scan"]["num_scans"] >= 1 and "gain_and_share" not in null
+    assert report["settings"]["truth_frame"] == "input"  # the written counterfactual's frame, as the compositions'
     assert "## Gain over doing nothing and share of the true change" in (out / "evaluation.md").read_text()
     assert set(report["composition"]) == {"counterfactual_vs_input", "reconstruction_vs_input"}
     assert report["utility"]["num_training_images"] == 8
@@ -244,6 +245,7 @@ def test_evaluate_rejects_bad_interventions_and_missing_evaluators_before_comput
     for extra, message in (
         (["--evaluator_dir", str(chest_cohort / "evaluators"), "--interventions", "[{'bmi': 30}]"], "'bmi'"),
         (["--evaluator_dir", str(tmp_path / "nothing")], "train_evaluators.json"),
+        (["--evaluator_dir", str(chest_cohort / "evaluators"), "--truth_frame", "native"], "truth_frame"),
     ):
         result = run_bundle("run", EVALUATE, *common, "--results_dir", str(out), *extra, check=False)
         assert result.returncode != 0 and not out.exists()
@@ -348,7 +350,7 @@ def test_recommendation_floor_can_follow_the_reference_composition_when_the_raw_
 def test_truth_in_the_input_frame_undoes_its_own_scaling_and_keeps_what_the_percentiles_cut():
     from monai.transforms import Compose, ScaleIntensityRangePercentilesd
 
-    from scripts.evaluation.compositions import _unclipped, in_input_frame
+    from scripts.evaluation.evaluate import _unclipped, in_input_frame
 
     native = torch.linspace(0.0, 2.0, 101).reshape(1, 1, 101)  # a truth whose own range is [0.5, 1.5]
     own = native - 0.5  # scaled by its own range: (native - 0.5) / (1.5 - 0.5)

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import ScaleIntensityRangePercentilesd
 
 from scripts.core.covariates import CovariateEncoder
 from scripts.core.inferers import CounterfactualInferer, compose, edit_mask
@@ -22,8 +21,9 @@ from scripts.evaluation import evaluators as E
 from scripts.evaluation.evaluate import (
     apply_intervention,
     check_cohort,
+    check_truth_frame,
     intervention_tag,
-    load_truth,
+    load_truths,
     reconstruct,
     requested_changes,
     run_counterfactuals,
@@ -94,28 +94,6 @@ def score_compositions(
     return table
 
 
-def in_input_frame(truth: torch.Tensor, truth_range: Sequence[float], input_range: Sequence[float]) -> torch.Tensor:
-    """
-    A truth scaled by its own (lower, upper) intensity percentiles, unclipped, re-expressed in its input's scaling
-    and clipped to [0, 1] like the input: the native truth as the inverse preprocessing of the input would map it.
-    """
-    (truth_low, truth_high), (low, high) = truth_range, input_range
-    return ((truth * (truth_high - truth_low) + truth_low - low) / (high - low)).clamp(0, 1)
-
-
-def _unclipped(transform: Callable[[dict], dict]) -> Callable[[dict], dict]:
-    """A copy of the preprocessing whose percentile scaling keeps the values outside [0, 1]."""
-    copied = copy.deepcopy(transform)
-    for item in getattr(copied, "transforms", ()):
-        if isinstance(item, ScaleIntensityRangePercentilesd):
-            item.scaler.clip = False
-    return copied
-
-
-def _range(transform: Callable[[dict], dict], record: Mapping) -> list[float]:
-    return list(transform(dict(record))["image"].meta["intensity_range"])
-
-
 def _measure(segmenter, images: torch.Tensor, spatial_dims: int, spacing) -> list[dict[str, float]]:
     """The causal quantities (volumes) of the segmenter's label map of each image."""
     with torch.no_grad():
@@ -170,10 +148,8 @@ def compare_compositions(
     `min_share_kept` of the share of the true change that `share_floor_variant` reaches (the raw decode, "none";
     "reference" where the raw decode's share is inflated by the autoencoder's blur). Run it on a validation
     split to choose `composition` / `mask_threshold`, then score held-out scans with the chosen values.
-    `truth_frame` "input" (the default) re-expresses each truth in its input's intensity scaling (`in_input_frame`),
-    the frame the written counterfactual is in, so a change of the percentiles themselves (atrophy lowers a brain's
-    99.5th) counts as the error it is in the output; "own" scales each truth by its own percentiles, as the
-    preprocessing does any scan (the frame of the tables measured before 2026-12-06).
+    `truth_frame` "input" (the default) compares in the written counterfactual's intensity frame, "own" in each
+    truth's own (`load_truths`).
     `identifiable_draws` > 0 adds the `identifiable_ceiling` row over that many draws (0 leaves it out).
     An intervention that moves a covariate both ways over the records (a "flip": adding and removing a finding) is
     also scored per direction. With trained evaluators in `evaluator_dir`, each variant's effectiveness is added
@@ -187,8 +163,7 @@ def compare_compositions(
     if len(records) < 2:
         raise ValueError(f"{datalist}: '{datalist_key}' has {len(records)} record(s); the comparison needs 2 or more.")
     check_cohort(cohort_dir, records, datalist)
-    if truth_frame not in ("own", "input"):
-        raise ValueError(f"truth_frame must be 'own' or 'input', got {truth_frame!r}.")
+    check_truth_frame(truth_frame)
     images = E.load_cohort_split(datalist, datalist_key, encoder, transform, image_size, False, num_records)["images"]
     predictor = segmenter = None
     if evaluator_dir and (Path(evaluator_dir) / "predictor.pt").is_file():
@@ -196,8 +171,6 @@ def compare_compositions(
             evaluator_dir, encoder, spatial_dims, predictor_channels, segmenter_channels
         )[:2]
     source = torch.stack([encoder.encode(r).reshape(1, -1) for r in records]).float()
-    truth_transform = transform if truth_frame == "own" else _unclipped(transform)
-    input_ranges = [_range(transform, r) for r in records] if truth_frame == "input" else []
     measured_input = []
     if segmenter is not None:
         measured_input = _measure(segmenter, images, spatial_dims, spacing)
@@ -209,13 +182,8 @@ def compare_compositions(
             targets = [apply_intervention(encoder, r, spec) for r in records]
 
             def oracle(draws: int) -> tuple[torch.Tensor, list]:
-                loaded = [load_truth(cohort_dir, r, requested_changes(encoder, r, t), truth_transform,
-                                     staged / "truth", image_size, draws) for r, t in zip(records, targets)]  # fmt: skip
-                stacked = torch.stack([torch.as_tensor(t[0]).as_subclass(torch.Tensor) for t in loaded])
-                if truth_frame == "input":
-                    stacked = torch.stack([in_input_frame(item, t[0].meta["intensity_range"], low_high)
-                                           for item, t, low_high in zip(stacked, loaded, input_ranges)])  # fmt: skip
-                return stacked, loaded
+                return load_truths(cohort_dir, records, targets, encoder, transform, truth_frame, staged / "truth",
+                                   image_size, draws)  # fmt: skip
 
             truth, truths = oracle(0)
             exact = [E.measure(t[1][0].numpy(), spatial_dims, spacing) for t in truths]

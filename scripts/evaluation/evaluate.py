@@ -29,6 +29,7 @@ tables), `evaluation_montage.png` (input | counterfactual | truth | cf - x | x* 
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
@@ -39,7 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import LoadImage
+from monai.transforms import LoadImage, ScaleIntensityRangePercentilesd
 
 from scripts.cohort import generate
 from scripts.core.covariates import CovariateEncoder
@@ -132,6 +133,59 @@ def load_truth(
     return image, label
 
 
+TRUTH_FRAMES = ("input", "own")
+
+
+def check_truth_frame(truth_frame: str) -> str:
+    if truth_frame not in TRUTH_FRAMES:
+        raise ValueError(f"truth_frame must be 'own' or 'input', got {truth_frame!r}.")
+    return truth_frame
+
+
+def load_truths(
+    cohort_dir: str, records: Sequence[Mapping], targets: Sequence[Mapping], encoder: CovariateEncoder,
+    transform: Callable, truth_frame: str, folder: Path, image_size, unobserved_draws: int = 0,
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:  # fmt: skip
+    """
+    The oracle's counterfactuals of `records` under `targets` (`load_truth`): the images stacked in `truth_frame`,
+    and each (image, label) as loaded. "input" re-expresses each truth in its input's intensity scaling
+    (`in_input_frame`), the frame the written counterfactual is in, so a change of the percentiles themselves (atrophy
+    lowers a brain's 99.5th) counts as the error it is in the output; "own" scales each truth by its own
+    percentiles, as the preprocessing does any scan (the frame of the tables measured before 2026-12-06).
+    """
+    own = check_truth_frame(truth_frame) == "own"
+    truth_transform = transform if own else _unclipped(transform)
+    loaded = [load_truth(cohort_dir, r, requested_changes(encoder, r, t), truth_transform, folder, image_size,
+                         unobserved_draws) for r, t in zip(records, targets)]  # fmt: skip
+    images = torch.stack([torch.as_tensor(t[0]).as_subclass(torch.Tensor) for t in loaded])
+    if not own:
+        images = torch.stack([in_input_frame(image, t[0].meta["intensity_range"], _range(transform, r))
+                              for image, t, r in zip(images, loaded, records)])  # fmt: skip
+    return images, loaded
+
+
+def in_input_frame(truth: torch.Tensor, truth_range: Sequence[float], input_range: Sequence[float]) -> torch.Tensor:
+    """
+    A truth scaled by its own (lower, upper) intensity percentiles, unclipped, re-expressed in its input's scaling
+    and clipped to [0, 1] like the input: the native truth as the inverse preprocessing of the input would map it.
+    """
+    (truth_low, truth_high), (low, high) = truth_range, input_range
+    return ((truth * (truth_high - truth_low) + truth_low - low) / (high - low)).clamp(0, 1)
+
+
+def _unclipped(transform: Callable[[dict], dict]) -> Callable[[dict], dict]:
+    """A copy of the preprocessing whose percentile scaling keeps the values outside [0, 1]."""
+    copied = copy.deepcopy(transform)
+    for item in getattr(copied, "transforms", ()):
+        if isinstance(item, ScaleIntensityRangePercentilesd):
+            item.scaler.clip = False
+    return copied
+
+
+def _range(transform: Callable[[dict], dict], record: Mapping) -> list[float]:
+    return list(transform(dict(record))["image"].meta["intensity_range"])
+
+
 def check_cohort(cohort_dir: str, records: Sequence[Mapping], datalist: str) -> None:
     """Raise unless every record's subject has its exogenous factors in the cohort (the oracle needs them)."""
     for index, record in enumerate(records):
@@ -201,15 +255,21 @@ def evaluate(
     axioms: bool = True,
     utility: Mapping[str, Any] | None = None,
     settings: Mapping[str, Any] | None = None,
+    truth_frame: str = "input",
 ) -> dict[str, Any]:
-    """Score the model's counterfactuals of `datalist[datalist_key]` (first `num_records` scans); see the module."""
+    """
+    Score the model's counterfactuals of `datalist[datalist_key]` (first `num_records` scans); see the module.
+    `truth_frame` ("input" | "own"): the intensity frame of the oracle's truth (`load_truths`).
+    """
     started = time.perf_counter()
     axioms = as_flag(axioms, "axioms")  # the CLI passes "false" as text
+    check_truth_frame(truth_frame)
     records = _checked_records(datalist, datalist_key, cohort_dir, interventions, num_records)
     targets = {
         intervention_tag(spec): [apply_intervention(encoder, r, spec) for r in records] for spec in interventions
     }
-    run = _Run(network, inferer, encoder, transform, cohort_dir, image_size, spatial_dims, spacing, batch_size)
+    run = _Run(network, inferer, encoder, transform, cohort_dir, image_size, spatial_dims, spacing, batch_size,
+               truth_frame)  # fmt: skip
     reference_datalist = reference_datalist or datalist
     scans = _Scans.load(run, datalist, datalist_key, records, evaluator_dir, predictor_channels, segmenter_channels,
                         num_reference, reference_datalist, reference_key)  # fmt: skip
@@ -224,6 +284,7 @@ def evaluate(
         if utility and int(utility.get("num_samples", 0)) > 0:
             report["utility"] = _utility(run, scans, scheduler, datalist, predictor_channels, utility)
         report["evaluators"] = _evaluators_entry(evaluator_dir, scans.evaluator_report)
+        settings = {**dict(settings or {}), "truth_frame": truth_frame}
         report["settings"] = _settings_entry(scans, datalist, datalist_key, cohort_dir, reference_datalist,
                                              reference_key, axioms, settings)  # fmt: skip
         report["seconds"] = round(time.perf_counter() - started, 1)
@@ -257,6 +318,7 @@ class _Run:
     spatial_dims: int
     spacing: Sequence[float] | float
     batch_size: int
+    truth_frame: str = "input"
 
     def counterfactuals(self, images: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """`run_counterfactuals` of `images` from `source` to `target` conditions with this run's model."""
@@ -337,14 +399,10 @@ def _score_interventions(
 
 
 def _oracle_truth(run: _Run, records, target_records, staged: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The oracle's exact counterfactual images and label maps of `records` under `target_records`."""
-    truths = [
-        load_truth(
-            run.cohort_dir, r, requested_changes(run.encoder, r, t), run.transform, staged / "truth", run.image_size
-        )
-        for r, t in zip(records, target_records)
-    ]
-    return torch.stack([t[0] for t in truths]), torch.stack([t[1] for t in truths])
+    """The oracle's exact counterfactual images (in the run's truth frame) and label maps of `records`."""
+    images, loaded = load_truths(run.cohort_dir, records, target_records, run.encoder, run.transform, run.truth_frame,
+                                 staged / "truth", run.image_size)  # fmt: skip
+    return images, torch.stack([t[1] for t in loaded])
 
 
 def _score_intervention(
