@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -197,6 +198,27 @@ def test_generate_cohort_writes_a_subject_split_datalist_with_covariates(tmp_pat
     assert len({v["diagnosis"] for v in visits}) == 1
 
 
+def test_progression_advances_the_diagnosis_one_stage_at_a_time_and_the_oracle_re_renders_every_visit(tmp_path):
+    path = generate.generate_cohort(tmp_path, "brain", num_subjects=12, shape=(16, 16, 16), spacing=12.0, seed=3,
+                                    progression=0.5)  # fmt: skip
+    with open(path) as f:
+        records = [r for section in json.load(f).values() for r in section]
+    stages = {"CN": 0, "MCI": 1, "AD": 2}
+    converted = 0
+    for subject in {r["subject"] for r in records}:
+        visits = sorted((r for r in records if r["subject"] == subject), key=lambda r: r["visit"])
+        steps = [stages[b["diagnosis"]] - stages[a["diagnosis"]] for a, b in zip(visits, visits[1:])]
+        assert set(steps) <= {0, 1}, f"{subject}: a diagnosis goes back or skips a stage"
+        converted += any(steps)
+    assert converted >= 3, "at 50% a year, most subjects that can convert do"
+    with open(tmp_path / "cohort.json") as f:
+        assert json.load(f)["progression"] == 0.5
+    subject = generate.load_subject(tmp_path, "sub-0001")
+    image, _ = render.render("brain", subject["u"], subject["visits"][-1], subject["shape"], subject["spacing"])
+    written = [r for r in records if r["subject"] == "sub-0001" and r["visit"] == 2][0]
+    assert np.array_equal(np.asarray(nib.load(tmp_path / written["image"]).dataobj), image)
+
+
 def test_cohort_images_are_ras_nifti_and_re_render_from_their_exogenous_file(tmp_path):
     import nibabel as nib
 
@@ -237,6 +259,8 @@ def test_write_counterfactual_truth_writes_the_oracle_files(tmp_path):
         (lambda: generate.generate_cohort("/tmp/unused", shape=(64, 64)), "shape"),
         (lambda: generate.generate_cohort("/tmp/unused", "chest", spacing=3.0), "spacing"),
         (lambda: generate.generate_cohort("/tmp/unused", val_fraction=1.0), "val_fraction"),
+        (lambda: generate.generate_cohort("/tmp/unused", progression=1.0), "progression"),
+        (lambda: generate.generate_cohort("/tmp/unused", "chest", progression=0.1), "progression"),
         (lambda: brain_phantom.render_brain(causal_model.sample_brain_exogenous(0), brain(70.0, "XYZ")), "diagnosis"),
         (lambda: brain_phantom.render_brain(causal_model.sample_brain_exogenous(0), brain(70.0, sex="X")), "sex"),
         (lambda: brain_phantom.render_brain(causal_model.sample_brain_exogenous(0), brain(float("nan"))), "age"),

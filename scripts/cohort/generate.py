@@ -97,14 +97,22 @@ def _write_pair(
     return image_rel, label_rel
 
 
-def _sample_brain_visits(rng: np.random.Generator, visits: int) -> list[dict[str, Any]]:
+def _sample_brain_visits(rng: np.random.Generator, visits: int, progression: float = 0.0) -> list[dict[str, Any]]:
+    """
+    A subject's visits 1-3 years apart. With `progression` > 0, the diagnosis advances one stage (CN -> MCI -> AD)
+    between two visits with probability 1 - (1 - progression)^years; at 0 no extra number is drawn, so cohorts
+    generated before the option existed come out byte for byte.
+    """
     sex = str(rng.choice(SEXES))
-    diagnosis = str(rng.choice(DIAGNOSES, p=[0.4, 0.3, 0.3]))
+    stage = int(rng.choice(len(DIAGNOSES), p=[0.4, 0.3, 0.3]))
     age = float(rng.uniform(55.0, 85.0))
     out = []
     for _ in range(visits):
-        out.append({"age": round(age, 2), "sex": sex, "diagnosis": diagnosis})
-        age += float(rng.uniform(1.0, 3.0))
+        out.append({"age": round(age, 2), "sex": sex, "diagnosis": str(DIAGNOSES[stage])})
+        years = float(rng.uniform(1.0, 3.0))
+        age += years
+        if progression > 0 and stage < len(DIAGNOSES) - 1 and rng.random() < 1 - (1 - progression) ** years:
+            stage += 1
     return out
 
 
@@ -136,6 +144,7 @@ def generate_cohort(
     val_fraction: float = 0.2,
     profile: str = "standard",
     anatomy: str = "phantom",
+    progression: float = 0.0,
 ) -> str:
     """Write a synthetic cohort with a MONAI datalist and the exogenous factors needed to re-render any subject.
 
@@ -158,6 +167,9 @@ def generate_cohort(
         anatomy: brain anatomy, ``ANATOMIES``: "phantom" (procedural cartoon) or "mni152" (the MNI152 template of
             the installed nilearn under random deformations; its label map is cached in ``output_dir/template``
             and each subject's exogenous file also holds the measured volumes of every visit).
+        progression: brain only: the yearly probability that a subject's diagnosis advances one stage (CN -> MCI
+            -> AD) between visits, in [0, 1); 0 (the default) keeps every subject's diagnosis, as in the cohorts
+            the shipped models were trained on, so paired models see no diagnosis change.
 
     Returns:
         path of ``datalist.json``.
@@ -166,19 +178,31 @@ def generate_cohort(
     check_profile(modality, profile)
     check_anatomy(modality, anatomy)
     visits_per_subject = _checked_counts(modality, num_subjects, visits_per_subject, val_fraction, spacing)
+    progression = _checked_progression(modality, progression)
     shape, spacing = _grid_of(modality, anatomy, shape, spacing)
     output_dir = os.path.abspath(os.fspath(output_dir))
     os.makedirs(output_dir, exist_ok=True)
     extras = _anatomy_record(anatomy, output_dir)
     grid = {"shape": shape, "spacing": spacing, "profile": profile, "anatomy": anatomy}
     subjects = [f"sub-{i + 1:04d}" for i in range(int(num_subjects))]
-    records = _write_cohort_subjects(output_dir, modality, subjects, int(visits_per_subject), grid, extras, seed)
+    records = _write_cohort_subjects(output_dir, modality, subjects, int(visits_per_subject), grid, extras, seed,
+                                     progression)  # fmt: skip
     datalist = _split_by_subject(subjects, records, val_fraction, seed)
     counts = {"num_subjects": int(num_subjects), "visits_per_subject": int(visits_per_subject)}
+    if progression:  # recorded only when used, so the summary of a cohort without it is unchanged
+        counts["progression"] = progression
     _write_cohort_summary(output_dir, modality, counts, grid, int(seed), extras)
     datalist_path = os.path.join(output_dir, "datalist.json")
     _write_json(datalist_path, datalist)
     return datalist_path
+
+
+def _checked_progression(modality: str, progression: Any) -> float:
+    if isinstance(progression, bool) or not isinstance(progression, (int, float)) or not 0 <= progression < 1:
+        raise ValueError(f"progression must be a yearly probability in [0, 1), got {progression!r}.")
+    if progression and modality != "brain":
+        raise ValueError("progression (diagnosis conversion between visits) applies to the brain modality only.")
+    return float(progression)
 
 
 def _checked_counts(modality: str, num_subjects, visits_per_subject, val_fraction, spacing) -> int:
@@ -199,8 +223,9 @@ def _checked_counts(modality: str, num_subjects, visits_per_subject, val_fractio
 
 
 def _write_cohort_subjects(
-    output_dir: str, modality: str, subjects: list[str], visits_per_subject: int, grid: dict, extras: dict, seed
-) -> dict[str, list[dict[str, Any]]]:
+    output_dir: str, modality: str, subjects: list[str], visits_per_subject: int, grid: dict, extras: dict, seed,
+    progression: float = 0.0,
+) -> dict[str, list[dict[str, Any]]]:  # fmt: skip
     """Draw every subject's exogenous factors and visits from ``seed`` and write them; return records per subject."""
     anatomy = grid["anatomy"]
     rng = np.random.default_rng(seed)
@@ -209,14 +234,16 @@ def _write_cohort_subjects(
     for subject in progress:
         subject_rng = np.random.default_rng(rng.integers(0, 2**63 - 1))
         u = prior_draw(modality, anatomy, subject_rng)
-        sample_visits = _sample_brain_visits if modality == "brain" else _sample_chest_visits
-        visits = sample_visits(subject_rng, visits_per_subject)
+        if modality == "brain":
+            visits = _sample_brain_visits(subject_rng, visits_per_subject, progression)
+        else:
+            visits = _sample_chest_visits(subject_rng, visits_per_subject)
         records[subject] = _write_cohort_subject(output_dir, modality, subject, u, visits, grid, extras)
     return records
 
 
 def _write_cohort_summary(
-    output_dir: str, modality: str, counts: Mapping[str, int], grid: Mapping[str, Any], seed: int, extras: dict
+    output_dir: str, modality: str, counts: Mapping[str, Any], grid: Mapping[str, Any], seed: int, extras: dict
 ) -> None:
     """Write ``cohort.json``: the generator settings, the label ids and the causal constants of the modality."""
     _write_json(
@@ -225,6 +252,7 @@ def _write_cohort_summary(
             "modality": modality,
             "num_subjects": counts["num_subjects"],
             "visits_per_subject": counts["visits_per_subject"],
+            **{key: counts[key] for key in ("progression",) if key in counts},
             "shape": list(grid["shape"]),
             "spacing": grid["spacing"],
             "seed": seed,
