@@ -151,7 +151,7 @@ def load_truths(
     and each (image, label) as loaded. "input" re-expresses each truth in its input's intensity scaling
     (`in_input_frame`), the frame the written counterfactual is in, so a change of the percentiles themselves (atrophy
     lowers a brain's 99.5th) counts as the error it is in the output; "own" scales each truth by its own
-    percentiles, as the preprocessing does any scan (the frame of the tables measured before 2026-12-06).
+    percentiles, as the preprocessing does any scan (the frame of the earlier tables; docs/evaluation.md).
     """
     own = check_truth_frame(truth_frame) == "own"
     truth_transform = transform if own else _unclipped(transform)
