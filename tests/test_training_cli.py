@@ -149,10 +149,12 @@ def test_tensorboard_has_sample_images(trained):
 def test_embedding_finetuning_from_a_checkpoint_changes_only_the_embedding(trained, bundle_cli):
     root = trained["root"]
     before = read_weights(root / "models" / "model.pt")[0]
+    common = list(trained["common"])
+    common[common.index("--delta") + 1] = "0.0"  # fine-tuning owns its δ: LD off here, whatever the weights had
     bundle_cli(
         "training",
         [*trained["stage2"], "finetune.json"],  # the fine-tune mode: an overlay that loads the whole model
-        *trained["common"],
+        *common,
         "--finetune_from", str(root / "models" / "model.pt"),
         "--finetune_scheme", "embedding",
         "--model_path", str(root / "finetuned.pt"),
@@ -160,7 +162,8 @@ def test_embedding_finetuning_from_a_checkpoint_changes_only_the_embedding(train
         "--max_epochs", "2",
         "--sample_every_epochs", "0",
     )  # fmt: skip
-    after = read_weights(root / "finetuned.pt")[0]
+    after, metadata = read_weights(root / "finetuned.pt")
+    assert metadata["drift"]["delta"] == 0.0, "the fine-tuned weights record the δ they were fine-tuned with"
     changed = {key for key in after if not torch.equal(after[key], before[key])}
     # the covariate embeddings: the context tokens and, where the preset uses it, the timestep-embedding MLP
     embeddings = ("denoiser.embedding.", "denoiser.unet.class_embedding.")

@@ -85,6 +85,16 @@ def test_loading_gives_the_module_the_weights_drift_and_warns_about_a_differing_
     assert configured.weights_info["sha256"] and configured.weights_info["metadata"]["drift"]["delta"] == 0.2
 
 
+def test_fine_tuning_keeps_the_configured_drift_and_says_what_the_weights_had(tmp_path, caplog):
+    trained = Drifting(0.0)
+    save_weights(tmp_path / "w.pt", trained, weights_metadata(trained.drift))
+    configured = Drifting(0.1, "paper")  # LD in training: configs/finetune.json loads with adopt_drift=False
+    with caplog.at_level(logging.INFO):
+        load_weights(configured, str(tmp_path / "w.pt"), adopt_drift=False)
+    assert configured.drift.delta.tolist() == pytest.approx(0.1)
+    assert "fine-tuning at the config's delta" in caplog.text and "is ignored" not in caplog.text
+
+
 def test_weights_of_the_earlier_format_still_load_and_keep_the_config_drift(tmp_path, caplog):
     module = Drifting(0.1)
     torch.save(module.state_dict(), tmp_path / "old.pt")

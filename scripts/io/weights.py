@@ -104,7 +104,12 @@ def read_weights(path: str | Path, checkpoint_key: str = "model") -> tuple[dict[
 
 
 def load_weights(
-    module: nn.Module, path: str, hint: str = "", bundle_root: str | None = None, checkpoint_key: str = "model"
+    module: nn.Module,
+    path: str,
+    hint: str = "",
+    bundle_root: str | None = None,
+    checkpoint_key: str = "model",
+    adopt_drift: bool = True,
 ) -> nn.Module:
     """
     Load the weights at `path` into `module` with strict keys; a missing file says what to run first. When
@@ -113,7 +118,8 @@ def load_weights(
 
     The weights own what they were trained with: a module with a `drift` gets the weights' δ and schedule (a
     differing config value is reported and ignored), and `module.weights_info` records the file, its sha256 and
-    its metadata (None for files of the earlier format, which load with a note).
+    its metadata (None for files of the earlier format, which load with a note). `adopt_drift` False (fine-tuning:
+    the new training owns its δ, configs/finetune.json) keeps the module's drift and says so when the weights' differs.
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"no weights file at {path!r}. {hint}".strip())
@@ -144,7 +150,14 @@ def load_weights(
             f"{path}: weights of the earlier format (no metadata): delta and drift_schedule come from the config"
         )
     elif isinstance(getattr(module, "drift", None), LatentDrift) and "drift" in metadata:
-        module.drift = _weights_drift(module.drift, metadata["drift"], path)
+        trained = LatentDrift(metadata["drift"]["delta"], metadata["drift"]["schedule"])
+        if adopt_drift:
+            module.drift = _weights_drift(module.drift, metadata["drift"], path)
+        elif trained.delta.tolist() != module.drift.delta.tolist():
+            logger.info(
+                f"{path}: trained at delta {metadata['drift']['delta']}; fine-tuning at the config's delta "
+                f"{module.drift.delta.tolist()} ({module.drift.schedule!r})"
+            )
     module.weights_info = {"path": str(path), "sha256": sha256, "metadata": metadata}
     return module
 
