@@ -132,6 +132,12 @@ def test_ablation_table_reports_mean_and_spread_over_seeds():
     table = ablation.markdown_table({"rows": [{"model": "fine-tuned full", "ld": "off", "summary": summary}]})
     assert "| fine-tuned full | off | -1.0000 ± 1.0000 | 0.8000 ± 0.4000 | 0.2000 ± 0.1000 |" in table
     assert "| effusion=flip |" in table and "| fine-tuned full | off | -1.000 ± 1.000 / 0.800 ± 0.400 |" in table
+    # the bar plot draws a negative gain below its zero line as well as a positive one above it
+    rows = [{"model": "m", "ld": ld, "summary": {"gain": [g, 0.01]}} for ld, g in (("off", -0.2), ("on", 0.3))]
+    picture = np.asarray(ablation.plot({"rows": rows}))
+    off, on = picture[:, 200], picture[:, 520]  # a column through each bar's middle (2 bars from x = 40 to 700)
+    grey, blue = np.nonzero((off == (150, 150, 150)).all(-1))[0], np.nonzero((on == (40, 90, 200)).all(-1))[0]
+    assert grey.size and blue.size and grey.min() >= blue.max(), "the negative bar hangs below the positive one"
 
 
 def test_ablation_rejects_bad_settings_before_any_work(tmp_path):

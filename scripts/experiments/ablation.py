@@ -115,25 +115,27 @@ def intervention_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: Mapping[str, Any], key: str = "oracle_mae", size: tuple[int, int] = (720, 360)) -> Image.Image:
-    """Bars of one column, LD off (grey) and on (blue) side by side per model, with ± std whiskers."""
+def plot(results: Mapping[str, Any], key: str = "gain", size: tuple[int, int] = (720, 360)) -> Image.Image:
+    """Bars of one column from zero, LD off (grey) and on (blue) side by side per model, with ± std whiskers."""
     picture = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(picture)
     rows = results["rows"]
-    top = max(r["summary"][key][0] + r["summary"][key][1] for r in rows) or 1.0
+    low = min([0.0] + [r["summary"][key][0] - r["summary"][key][1] for r in rows])
+    high = max([0.0] + [r["summary"][key][0] + r["summary"][key][1] for r in rows])
+    span = (high - low) or 1.0
     left, bottom, height = 40, size[1] - 70, size[1] - 110
+    y = lambda value: bottom - height * (value - low) / span  # noqa: E731
     width = (size[0] - left - 20) / len(rows)
-    draw.text((5, 8), f"{dict(COLUMNS)[key]} per model (mean ± std over seeds; max {top:.4f})", fill="black")
-    draw.line([(left, bottom), (size[0] - 10, bottom)], fill="black")
+    title = dict(COLUMNS)[key].rstrip(" ↑↓")  # the default font has no arrows
+    draw.text((5, 8), f"{title} per model (mean ± std over seeds; {low:+.4f} to {high:+.4f})", fill="black")
+    draw.line([(left, y(0.0)), (size[0] - 10, y(0.0))], fill="black")
     for i, row in enumerate(rows):
         mean, std = row["summary"][key]
         x0, x1 = left + i * width + 6, left + (i + 1) * width - 6
         colour = (40, 90, 200) if row["ld"] != "off" else (150, 150, 150)
-        draw.rectangle([x0, bottom - height * mean / top, x1, bottom], fill=colour)
+        draw.rectangle([x0, min(y(mean), y(0.0)), x1, max(y(mean), y(0.0))], fill=colour)
         xm = (x0 + x1) / 2
-        draw.line(
-            [(xm, bottom - height * (mean + std) / top), (xm, bottom - height * (mean - std) / top)], fill="black"
-        )
+        draw.line([(xm, y(mean + std)), (xm, y(mean - std))], fill="black")
         label = row["model"].replace("fine-tuned ", "").replace("pretrained ", "pre ")
         draw.text((x0, bottom + 6), label[:14], fill="black")
         draw.text((x0, bottom + 20), f"LD {row['ld']}"[:14], fill="black")
