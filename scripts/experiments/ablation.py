@@ -287,11 +287,11 @@ def _evaluate(stages, root: Path, runs, overrides, preset: str, first_seed: int)
     """Stage 5: every model scored on the target test subjects; returns the rows per (model, LD) and the montage."""
     rows: dict[tuple[str, str], list[dict[str, float]]] = {}
     pictures: list[tuple[str, Path]] = []
-    for model, ld, seed, folder, value in runs:
+    for model, ld, seed, folder, value in runs:  # the weights own their δ: inference_delta sets the arm's
         results_dir = root / "evaluations" / f"{folder.name}_delta-{value:g}_seed-{seed}"
         stages.run(f"evaluate_{results_dir.name}", results_dir / "evaluation.json", ["configs/evaluate.json"],
-                   {**overrides, "model_path": str(folder / "model.pt"), "delta": value, "inference_delta": value,
-                    "seed": seed, "results_dir": str(results_dir)}, base=["configs/inference.json", preset])  # fmt: skip
+                   {**overrides, "model_path": str(folder / "model.pt"), "inference_delta": value, "seed": seed,
+                    "results_dir": str(results_dir)}, base=["configs/inference.json", preset])  # fmt: skip
         metrics = metrics_row(json.loads((results_dir / "evaluation.json").read_text()))
         rows.setdefault((model, "off" if value == 0 else ld), []).append({**metrics, "seed": seed})
         if seed == first_seed:
