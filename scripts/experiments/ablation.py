@@ -176,17 +176,26 @@ def run_ablation(
     schemes: Sequence[str] = SCHEMES,
     seeds: Sequence[int] = (0, 1, 2),
     network: Mapping[str, Any] | None = None,
+    anatomy: str = "phantom",
+    spacing: float | None = None,
 ) -> dict[str, Any]:
     """
     Run (or resume) every stage; returns the results written to `output_dir`/results.json. `network` holds config
-    overrides every training and evaluation stage shares (e.g. larger `unet_channels` on a GPU).
+    overrides every training and evaluation stage shares (e.g. larger `unet_channels` on a GPU). For the brain,
+    `anatomy` (``"phantom"`` or ``"mni152"``) and `spacing` (mm, isotropic; ``None`` = 3) set the cohorts' grid, and
+    the networks' `pixdim` follows `spacing`.
     """
-    _check_settings(modality, source_profile, schemes, seeds)
+    _check_settings(modality, source_profile, schemes, seeds, anatomy, spacing)
     root = Path(output_dir).absolute()
     stages = Stages(root, ["configs/common.json", preset], "ablation")
-    base = {"image_size": list(image_size), **dict(network or {})}
+    grid = {} if modality == "chest" else {"spacing": float(spacing or 3.0), "anatomy": anatomy}
+    base = {
+        "image_size": list(image_size),
+        **({"pixdim": [grid["spacing"]] * 3} if grid else {}),
+        **dict(network or {}),
+    }
     counts = (source_subjects, target_train_subjects, target_test_subjects, evaluator_subjects)
-    cohorts = _cohorts(stages, modality, image_size, source_profile, *counts)
+    cohorts = _cohorts(stages, modality, image_size, grid, source_profile, *counts)
     evaluator_dir = root / "evaluators"
     stages.run("evaluators", evaluator_dir / "evaluators.json", ["configs/train_evaluators.json"],
                {**base, "dataset_dir": str(cohorts["evaluator"]), "evaluator_dir": str(evaluator_dir), **evaluators})  # fmt: skip
@@ -198,7 +207,7 @@ def run_ablation(
                             "reference_datalist": str(cohorts["evaluator"] / "datalist.json"), **evaluation}  # fmt: skip
     rows, pictures = _evaluate(stages, root, runs, evaluation_overrides, preset, seeds[0])
     results = {
-        "settings": {"modality": modality, **base, "source_profile": source_profile,
+        "settings": {"modality": modality, **base, **grid, "source_profile": source_profile,
                      "source_subjects": source_subjects, "target_train_subjects": target_train_subjects,
                      "target_test_subjects": target_test_subjects, "evaluator_subjects": evaluator_subjects,
                      "autoencoder": dict(autoencoder), "pretrain": dict(pretrain), "finetune": dict(finetune),
@@ -214,8 +223,15 @@ def run_ablation(
     return results
 
 
-def _check_settings(modality: str, source_profile: str, schemes: Sequence[str], seeds: Sequence[int]) -> None:
-    """Schemes, seeds and the domain shift, checked before any work."""
+def _check_settings(
+    modality: str,
+    source_profile: str,
+    schemes: Sequence[str],
+    seeds: Sequence[int],
+    anatomy: str = "phantom",
+    spacing: float | None = None,
+) -> None:
+    """Schemes, seeds, the domain shift and the brain's grid, checked before any work."""
     unknown = sorted(set(schemes) - set(SCHEMES))
     if unknown or not schemes:
         raise ValueError(f"schemes must be a non-empty subset of {list(SCHEMES)}, got {list(schemes)}.")
@@ -224,13 +240,17 @@ def _check_settings(modality: str, source_profile: str, schemes: Sequence[str], 
     render.check_profile(causal_model.check_modality(modality), source_profile)
     if source_profile == "standard":
         raise ValueError("source_profile must differ from the target's 'standard' profile (that is the domain shift).")
+    render.check_anatomy(modality, anatomy)
+    if spacing is not None and modality == "chest":
+        raise ValueError("spacing applies to the brain only; leave it null for the chest (its field of view is fixed).")
+    if spacing is not None and not float(spacing) > 0:
+        raise ValueError(f"spacing must be a positive voxel size in mm, got {spacing!r}.")
 
 
-def _cohorts(stages, modality, image_size, source_profile, source, target_train, target_test, evaluator) -> dict:
-    """Stage 1, through the generator config like a user: source, target and evaluator cohorts."""
-    shape = {"shape": json.dumps(list(image_size))}
-    if modality != "chest":
-        shape["spacing"] = 3.0
+def _cohorts(stages, modality, image_size, grid, source_profile, source, target_train, target_test, evaluator) -> dict:
+    """Stage 1, through the generator config like a user: source, target and evaluator cohorts (`grid`: the brain's
+    spacing and anatomy)."""
+    shape = {"shape": json.dumps(list(image_size)), **grid}
     cohorts = {
         "source": (source, source_profile, 0.1, 100),
         "target": (target_train + target_test, "standard", target_test / (target_train + target_test), 200),
