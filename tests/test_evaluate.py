@@ -153,6 +153,15 @@ def test_ablation_rejects_bad_settings_before_any_work(tmp_path):
         ablation.run_ablation(source_profile="standard", **common)
     with pytest.raises(ValueError, match="profile must be one of"):
         ablation.run_ablation(source_profile="t2", **common)
+    with pytest.raises(ValueError, match="spacing applies to the brain only"):
+        ablation.run_ablation(source_profile="portable", spacing=2.0, **common)
+    with pytest.raises(ValueError, match="brain anatomy"):
+        ablation.run_ablation(source_profile="portable", anatomy="mni152", **common)
+    brain = {**common, "modality": "brain", "preset": "configs/brain_mri_3d.json", "source_profile": "t2"}
+    with pytest.raises(ValueError, match="spacing must be a positive"):
+        ablation.run_ablation(spacing=0.0, anatomy="mni152", **brain)
+    with pytest.raises(ValueError, match="anatomy must be one of"):
+        ablation.run_ablation(anatomy="mni", **brain)
     assert not (tmp_path / "ablation").exists()
 
 

@@ -80,10 +80,11 @@ def _keys(*names: str) -> set[str]:
 
 @pytest.mark.parametrize(
     "overlay, bases",
-    [("ablation_gpu.json", ["ablation.json"]), ("conditioning_gpu.json", ["conditioning.json"]),
+    [("ablation_gpu.json", ["ablation.json"]), ("ablation_brain.json", ["ablation.json"]),
+     ("conditioning_gpu.json", ["conditioning.json"]),
      ("gpu.json", ["common.json", "train_diffusion.json", "train_autoencoder.json"])],
 )  # fmt: skip
-def test_a_gpu_overlay_only_overrides_keys_its_configs_read(overlay, bases):
+def test_an_overlay_only_overrides_keys_its_configs_read(overlay, bases):
     """A misspelt key in an overlay would be added silently and change nothing: every key must exist where it goes."""
     overrides = json.loads((ROOT / "configs" / overlay).read_text())
     assert sorted(set(overrides) - _keys(*bases)) == []
