@@ -405,3 +405,17 @@ def test_autoencoder_ceiling_is_the_truth_for_a_lossless_autoencoder_and_blind_t
     assert oracle_scores(exact, images, truth, changed, None)["share_of_true_change"] == pytest.approx(1.0)
     blind = autoencoder_ceiling(Codec(False), images, truth, 2, "fp32")
     assert torch.equal(blind, images), "an autoencoder that renders every image alike carries none of the change"
+
+
+def test_ablation_resumes_a_fine_tune_only_at_the_delta_it_was_trained_with(tmp_path):
+    """Changing ld_delta and resuming must not reuse LD-on weights of another δ under the new label."""
+    from scripts.core.drift import LatentDrift
+    from scripts.io.weights import save_weights, weights_metadata
+
+    weights = tmp_path / "full_ld-on_seed-0" / "model.pt"
+    ablation._check_resumed_delta(weights, 0.1)  # nothing trained yet: nothing to check
+    weights.parent.mkdir()
+    save_weights(weights, torch.nn.Linear(2, 2), weights_metadata(drift=LatentDrift(0.1)))
+    ablation._check_resumed_delta(weights, 0.1)
+    with pytest.raises(ValueError, match="fine-tuned at delta 0.1, this run asks 0.05"):
+        ablation._check_resumed_delta(weights, 0.05)

@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw
 from scripts.cohort import causal_model, render
 from scripts.experiments.stages import Stages
 from scripts.io.files import atomic_write, atomic_write_json
+from scripts.io.weights import read_weights
 
 SCHEMES = ("full", "cross_attention", "embedding")
 
@@ -295,12 +296,26 @@ def _finetune(stages, root: Path, target, source: Path, schemes, seeds, delta: f
             for ld, value in (("off", 0.0), (f"train + inference ({delta:g})", delta)):
                 tag = f"{scheme}_ld-{'on' if value else 'off'}_seed-{seed}"
                 folder = root / "finetuned" / tag
+                _check_resumed_delta(folder / "model.pt", value)
                 stages.run(f"finetune_{tag}", folder / "model.pt", ["configs/train_diffusion.json", "configs/finetune.json"],
                            {**target, "ckpt_dir": str(folder), "output_dir": str(folder / "runs"), "resume": False,
                             "finetune_from": str(source / "model.pt"), "finetune_scheme": scheme, "delta": value,
                             "seed": seed, **finetune}, "training")  # fmt: skip
                 runs.append((f"fine-tuned {scheme}", ld, seed, folder, value))
     return runs
+
+
+def _check_resumed_delta(weights: Path, delta: float) -> None:
+    """A fine-tune is resumed from its folder only if its weights were trained at the δ this run asks for."""
+    if not weights.is_file():
+        return
+    _, metadata = read_weights(weights)
+    trained = ((metadata or {}).get("drift") or {}).get("delta")
+    if trained is not None and not np.allclose(np.asarray(trained, dtype=float), delta):
+        raise ValueError(
+            f"{weights} was fine-tuned at delta {trained}, this run asks {delta:g}: set ld_delta to {trained} "
+            f"or move {weights.parent} away to fine-tune it again."
+        )
 
 
 def _evaluate(stages, root: Path, runs, overrides, preset: str, first_seed: int) -> tuple[dict, list]:
