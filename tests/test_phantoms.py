@@ -311,6 +311,12 @@ def test_acquisition_profiles_change_the_look_not_the_anatomy_and_the_oracle_kee
     labels = causal_model.BRAIN_LABELS
     csf, wm = label == labels["ventricles"], label == labels["white_matter"]
     assert t1[wm].mean() > t1[csf].mean() and t2[csf].mean() > t2[wm].mean()  # T2-like: fluid bright
+    low, label_low = render.render("brain", brain_u, brain_cov, shape=(32, 32, 32), spacing=6.0, profile="lowfield")
+    np.testing.assert_array_equal(label, label_low)
+    gm = label == labels["gray_matter"]
+    assert low[wm].mean() > low[csf].mean()  # still T1: fluid dark, but grey and white matter closer together
+    assert low[wm].mean() / low[gm].mean() < t1[wm].mean() / t1[gm].mean()
+    assert np.abs(np.diff(low, axis=0)).mean() < np.abs(np.diff(t1, axis=0)).mean()  # lower resolution
     chest_cov = {"age": 60, "sex": "M", "cardiomegaly": 0, "effusion": 0}
     film, _ = render.render("chest", chest_u, chest_cov, shape=(64, 64))
     portable, _ = render.render("chest", chest_u, chest_cov, shape=(64, 64), profile="portable")
