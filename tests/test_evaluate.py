@@ -419,3 +419,15 @@ def test_ablation_resumes_a_fine_tune_only_at_the_delta_it_was_trained_with(tmp_
     ablation._check_resumed_delta(weights, 0.1)
     with pytest.raises(ValueError, match="fine-tuned at delta 0.1, this run asks 0.05"):
         ablation._check_resumed_delta(weights, 0.05)
+
+
+def test_ablation_tests_one_scan_per_held_out_subject(tmp_path):
+    """A longitudinal target cohort has several visits per subject: the test set takes each subject's first visit."""
+    records = [
+        {"image": f"images/{s}_visit-{v}.nii.gz", "subject": s, "visit": v} for s in ("a", "b") for v in (2, 0, 1)
+    ]
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": [], "validation": records}))
+    path = ablation._test_datalist(tmp_path)
+    test = json.loads(Path(path).read_text())["test"]
+    assert [(r["subject"], r["visit"]) for r in test] == [("a", 0), ("b", 0)]
+    assert Path(path).parent == tmp_path  # beside the cohort's datalist: relative image paths still resolve

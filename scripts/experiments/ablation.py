@@ -3,10 +3,11 @@
 Stages (each one a run of the bundle's own configs through `python -m monai.bundle run`, so the configs stay the
 program; every stage is skipped when its output exists, so an interrupted ablation resumes where it stopped):
 
-1. cohorts: a large *source* cohort in another acquisition profile (`scripts.cohort.render.PROFILES`, e.g. chest films
-   with the "portable" look), a small *target* cohort in the standard profile (few training subjects; its
-   validation subjects are the test set) and an *evaluator* cohort (standard profile, other subjects) on which the
-   covariate predictor and segmenter are trained (configs/train_evaluators.json);
+1. cohorts: a large *source* cohort in another acquisition profile (`scripts.cohort.render.PROFILES`: chest films
+   with the "portable" look; brains in the "t2" or "lowfield" profile, on the grid of `spacing` and `anatomy`), a
+   small *target* cohort in the standard profile (few training subjects; its validation subjects are the test set)
+   and an *evaluator* cohort (standard profile, other subjects) on which the covariate predictor and segmenter are
+   trained (configs/train_evaluators.json);
 2. pretraining on the source domain only: autoencoder (frozen afterwards, like the paper's VAE) and diffusion UNet
    with δ = 0;
 3. the paper's δ search (configs/find_delta.json) of the pretrained model against target training images;
@@ -204,8 +205,10 @@ def run_ablation(
     target = {**base, "dataset_dir": str(cohorts["target"])}
     searched, delta = _search_delta(stages, root, target, source, delta_grid, target_train_subjects, ld_delta)
     runs = _finetune(stages, root, target, source, schemes, seeds, delta, finetune)
-    evaluation_overrides = {**target, "evaluator_dir": str(evaluator_dir),
-                            "reference_datalist": str(cohorts["evaluator"] / "datalist.json"), **evaluation}  # fmt: skip
+    test_datalist = _test_datalist(cohorts["target"])
+    evaluation_overrides = {**target, "evaluator_dir": str(evaluator_dir), "eval_datalist": test_datalist,
+                            "eval_datalist_key": "test", "reference_datalist": str(cohorts["evaluator"] / "datalist.json"),
+                            **evaluation}  # fmt: skip
     rows, pictures = _evaluate(stages, root, runs, evaluation_overrides, preset, seeds[0])
     results = {
         "settings": {"modality": modality, **base, **grid, "source_profile": source_profile,
@@ -262,6 +265,20 @@ def _cohorts(stages, modality, image_size, grid, source_profile, source, target_
                                              "seed": seed, **shape})  # fmt: skip
         for name, (count, profile, fraction, seed) in cohorts.items()
     }
+
+
+def _test_datalist(target: Path) -> str:
+    """The test scans: the first scan of each held-out target subject (a longitudinal cohort has several per subject;
+    `num_records` then counts subjects, not visits). Written beside the cohort's datalist; returns its path."""
+    first: dict[str, dict] = {}
+    for record in json.loads((target / "datalist.json").read_text())["validation"]:
+        kept = first.setdefault(record["subject"], record)
+        if record.get("visit", 0) < kept.get("visit", 0):
+            first[record["subject"]] = record
+    test = list(first.values())
+    path = target / "datalist_test.json"
+    atomic_write_json({"test": test}, path)
+    return str(path)
 
 
 def _pretrain(stages, root: Path, source_data: Mapping[str, Any], autoencoder, pretrain) -> Path:
