@@ -431,3 +431,4 @@ def test_ablation_tests_one_scan_per_held_out_subject(tmp_path):
     test = json.loads(Path(path).read_text())["test"]
     assert [(r["subject"], r["visit"]) for r in test] == [("a", 0), ("b", 0)]
     assert Path(path).parent == tmp_path  # beside the cohort's datalist: relative image paths still resolve
+    assert json.loads(Path(path).read_text())["validation"] == records  # the rest of the datalist is kept

@@ -269,15 +269,17 @@ def _cohorts(stages, modality, image_size, grid, source_profile, source, target_
 
 def _test_datalist(target: Path) -> str:
     """The test scans: the first scan of each held-out target subject (a longitudinal cohort has several per subject;
-    `num_records` then counts subjects, not visits). Written beside the cohort's datalist; returns its path."""
+    `num_records` then counts subjects, not visits). Written beside the cohort's datalist, as its copy with a "test" key;
+    returns its path."""
+    datalist = json.loads((target / "datalist.json").read_text())
     first: dict[str, dict] = {}
-    for record in json.loads((target / "datalist.json").read_text())["validation"]:
+    for record in datalist["validation"]:
         kept = first.setdefault(record["subject"], record)
         if record.get("visit", 0) < kept.get("visit", 0):
             first[record["subject"]] = record
     test = list(first.values())
     path = target / "datalist_test.json"
-    atomic_write_json({"test": test}, path)
+    atomic_write_json({**datalist, "test": test}, path)  # the rest stays: evaluation reads "training" too
     return str(path)
 
 
