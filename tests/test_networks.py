@@ -11,8 +11,9 @@ from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from torch import nn
 
 from scripts.core.drift import LatentDrift
-from scripts.core.networks import ConditionedUNet, LatentDriftModel, latent_scale_factor, select_trainable
+from scripts.core.networks import ConditionedUNet, LatentDriftModel, select_trainable
 from scripts.io.weights import load_weights
+from scripts.training.engines import latent_scale_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 CONDITION_SIZE, CONTEXT_DIM = 6, 16

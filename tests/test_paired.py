@@ -13,13 +13,14 @@ from monai.data import list_data_collate
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from scripts.core import inferers
+from scripts.core import inferers, paired
 from scripts.core.covariates import CovariateEncoder, CovariateError
 from scripts.core.drift import LatentDrift
 from scripts.core.networks import ConditionedUNet, LatentDriftModel
-from scripts.core.paired import PerImaged, sample_paired
+from scripts.core.paired import sample_paired
 from scripts.core.transforms import DriftNoised, EncodeLatentd
 from scripts.io.datalist import paired_datalist
+from scripts.io.transforms import PerImaged
 from scripts.io.weights import read_weights
 from scripts.training.engines import LatentDiffusionPrepareBatch
 from scripts.training.residual import LatentDifferenced, measure_residual_scale
@@ -264,7 +265,7 @@ def test_residual_inferer_adds_the_sampled_change_to_the_source_latent(model, ba
         decoded["latent"] = latent.clone()
         return LatentDriftModel.decode(residual, latent)
 
-    monkeypatch.setattr(inferers, "sample_paired", fake_sample)
+    monkeypatch.setattr(paired, "sample_paired", fake_sample)
     monkeypatch.setattr(residual, "decode", spy_decode)
     inferer = inferers.CounterfactualInferer(
         inference_scheduler(), num_inference_steps=2, paired=True, composition="none", auto_mask=False
@@ -277,6 +278,73 @@ def test_residual_inferer_adds_the_sampled_change_to_the_source_latent(model, ba
     torch.testing.assert_close(decoded["latent"], z0 + sampled * 0.7 / 7.0)
     if sampled == 0.0:
         torch.testing.assert_close(result["counterfactual"], result["reconstruction"])
+
+
+# --- rollout: a long interval walked in steps ----------------------------------------------------------------------
+
+
+def test_covariate_path_steps_age_evenly_and_switches_categories_at_the_first_step(encoder):
+    source = encoder.encode({"age": 60, "sex": "F", "diagnosis": "CN"})
+    target = encoder.encode({"age": 80, "sex": "F", "diagnosis": "AD"})
+    path = encoder.path(source, target, 4)
+    assert len(path) == 5 and torch.equal(path[0], source) and torch.equal(path[-1], target)
+    expected = [encoder.encode({"age": 60 + 5 * k, "sex": "F", "diagnosis": "AD" if k else "CN"}) for k in range(5)]
+    for got, want in zip(path, expected):
+        torch.testing.assert_close(got, want)
+    assert torch.equal(encoder.path(source, target, 1)[1], target)
+
+
+def test_rollout_samples_each_step_from_the_last_one_along_the_covariate_path(model, batch, encoder, monkeypatch):
+    """K calls; step k reads [path_k, path_k+1] (the reference half [source, source]) and the latent after k steps;
+    later steps draw fresh noise shared by both halves; the result is z0 + K * sample / gain."""
+    residual, calls, decoded = residual_copy(model, 7.0), [], {}
+
+    def fake_sample(denoiser, scheduler, source_latent, condition_source, condition_target, *args, noise, **kwargs):
+        calls.append((source_latent.clone(), condition_source, condition_target, noise))
+        return torch.full_like(source_latent, 2.0)
+
+    monkeypatch.setattr(paired, "sample_paired", fake_sample)
+    def spy_decode(latent):
+        decoded["latent"] = latent.clone()
+        return LatentDriftModel.decode(residual, latent)
+
+    monkeypatch.setattr(residual, "decode", spy_decode)
+    inferer = inferers.CounterfactualInferer(
+        inference_scheduler(), num_inference_steps=2, paired=True, composition="reference", auto_mask=False,
+        rollout_steps=3, covariate_path=encoder.path,
+    )  # fmt: skip
+    source, target = batch["condition_source"], batch["condition_target"]
+    inferer.counterfactual(batch["image_source"], residual, source, target)
+    with torch.no_grad():
+        z0 = residual.encode(batch["image_source"])
+    path = encoder.path(source, target, 3)
+    assert len(calls) == 3
+    for k, (latent, halves_source, halves_target, noise) in enumerate(calls):
+        torch.testing.assert_close(latent, torch.cat([z0, z0]) + k * 2.0 * 0.7 / 7.0)
+        torch.testing.assert_close(halves_source, torch.cat([path[k], source]))
+        torch.testing.assert_close(halves_target, torch.cat([path[k + 1], source]))
+        assert torch.equal(noise[:2], noise[2:])
+    assert not torch.equal(calls[1][3], calls[0][3]) and not torch.equal(calls[2][3], calls[1][3])
+    torch.testing.assert_close(decoded["latent"], torch.cat([z0, z0]) + 3 * 2.0 * 0.7 / 7.0)
+
+
+def test_rollout_with_the_target_equal_to_the_source_returns_the_input(model, batch, encoder):
+    inferer = inferers.CounterfactualInferer(
+        inference_scheduler(), num_inference_steps=2, paired=True, composition="reference", auto_mask=False,
+        rollout_steps=2, covariate_path=encoder.path,
+    )  # fmt: skip
+    image, source = batch["image_source"], batch["condition_source"]
+    result = inferer(image, model, source, source)
+    torch.testing.assert_close(inferers.compose(image, result["counterfactual"], result["change"], None, "reference"),
+                               image)  # fmt: skip
+
+
+def test_rollout_needs_a_paired_model_and_a_covariate_path(encoder):
+    for kwargs in ({"paired": False, "covariate_path": encoder.path}, {"paired": True}):
+        with pytest.raises(ValueError, match="rollout_steps > 1 needs a paired model"):
+            inferers.CounterfactualInferer(inference_scheduler(), rollout_steps=2, **kwargs)
+    with pytest.raises(ValueError, match="rollout_steps must be at least 1"):
+        inferers.CounterfactualInferer(inference_scheduler(), rollout_steps=0)
 
 
 def interval_copy(model: LatentDriftModel, gain: float) -> ConditionedUNet:

@@ -83,6 +83,15 @@ class CovariateEncoder:
         vector[-1] = 1.0
         return vector
 
+    def path(self, source: torch.Tensor, target: torch.Tensor, steps: int) -> list[torch.Tensor]:
+        """`steps` + 1 vectors from `source` to `target` (..., size): continuous covariates (age) in equal steps, the
+        others (a diagnosis, the sex) changed at the first step, as a longitudinal pair changes them."""
+        continuous = torch.zeros(self.size, dtype=torch.bool, device=source.device)
+        for spec in self.describe()["layout"].values():
+            continuous[slice(*spec["slice"])] = spec.get("type") == "continuous"
+        return [torch.where(continuous, source + k / steps * (target - source), target if k else source)
+                for k in range(steps + 1)]  # fmt: skip
+
     def check_records(self, records: Sequence[Mapping[str, Any]], source: str = "datalist") -> list:
         """Encode every record once, so a bad covariate stops the run before any compute. Returns `records`."""
         for index, record in enumerate(records):

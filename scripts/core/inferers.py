@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -12,7 +13,7 @@ from monai.networks.schedulers import DDIMScheduler
 
 from scripts.core.drift import LatentDrift
 from scripts.core.networks import LatentDriftModel
-from scripts.core.paired import sample_paired
+from scripts.core.paired import rollout_paired
 from scripts.core.sampling import (
     PRECISIONS,
     denoise_latents,
@@ -77,6 +78,9 @@ class CounterfactualInferer(Inferer):
             draw samples the target latent from the drifted prior ε + δ over the whole chain (`strength` unused),
             with guidance against the null of both vectors; its reference chain is conditioned on [c_source,
             c_source]. n = 1 uses one seeded noise draw.
+        rollout_steps: K > 1 (paired only) walks source -> target in K paired steps along `covariate_path`
+            (`CovariateEncoder.path`), each step's output latent the next one's source and fresh seeded noise per
+            step, so that a long interval is asked as steps inside the span of the training pairs.
     """
 
     def __init__(
@@ -103,12 +107,16 @@ class CounterfactualInferer(Inferer):
         progress: bool = False,
         paired: bool = False,
         compile: bool = False,
+        rollout_steps: int = 1,
+        covariate_path: Callable[..., list[torch.Tensor]] | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}.")
-        if num_samples < 1 or num_inference_steps < 1:
-            raise ValueError("num_samples and num_inference_steps must be at least 1.")
+        if min(num_samples, num_inference_steps, rollout_steps) < 1:
+            raise ValueError("num_samples, num_inference_steps and rollout_steps must be at least 1.")
+        if rollout_steps > 1 and not (as_flag(paired, "paired") and callable(covariate_path)):
+            raise ValueError("rollout_steps > 1 needs a paired model (configs/paired.json) and covariate_path.")
         if not 0.0 <= sample_jitter <= 1.0:
             raise ValueError(f"sample_jitter must be in [0, 1], got {sample_jitter}.")
         if sample_reduction not in ("mean", "median"):
@@ -136,6 +144,7 @@ class CounterfactualInferer(Inferer):
         self.fixed_point_iterations, self.precision = fixed_point_iterations, precision
         self.progress, self.paired, self.seed = as_flag(progress, "progress"), as_flag(paired, "paired"), seed
         self.compile, self._compiled = as_flag(compile, "compile"), {}
+        self.rollout_steps, self.covariate_path = int(rollout_steps), covariate_path
 
     def resolve_drift(self, network: LatentDriftModel) -> LatentDrift:
         """The drift this inferer runs `network` at: `delta` if given, else the weights' δ; likewise the schedule."""
@@ -180,18 +189,22 @@ class CounterfactualInferer(Inferer):
             reconstruction = network.decode(z0).float()
         denoiser = self._denoiser(network)
         starts, timesteps, conditions, null = self._abduction(denoiser, z0, source_condition, target_condition, drift)
-        counterfactuals, references = [], []
+        counterfactuals, references, generator = [], [], torch.Generator().manual_seed(self.seed + 1)
         for start in starts:
             latent, sources, source_latents = (torch.cat([c, c]) if self.runs_reference else c
                                                for c in (start, source_condition, z0))  # fmt: skip
-            if self.paired:  # the chain starts from noise; the source latent is the extra input at every step
-                latent = sample_paired(
-                    denoiser, self.scheduler, source_latents, sources, conditions, self.num_inference_steps,
-                    guidance_scale=self.guidance_scale, null_condition=self.null_condition, drift=drift, noise=latent,
-                    precision=self.precision, progress=self.progress,
+            if self.paired:  # the chains start from noise; the source latent is the extra input at every step
+                fresh = [torch.randn(start.shape, generator=generator).to(start) for _ in range(self.rollout_steps - 1)]
+                noises = [latent] + [torch.cat([n, n]) if self.runs_reference else n for n in fresh]
+                path = [sources, conditions] if self.rollout_steps == 1 else [
+                    torch.cat([c, source_condition]) if self.runs_reference else c
+                    for c in self.covariate_path(source_condition, target_condition, self.rollout_steps)]  # fmt: skip
+                gain = network.residual_scale / network.scale_factor if hasattr(network, "residual_scale") else None
+                latent = rollout_paired(
+                    denoiser, self.scheduler, source_latents, path, noises, gain, drift=drift,
+                    num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+                    null_condition=self.null_condition, precision=self.precision, progress=self.progress,
                 )  # fmt: skip
-                if hasattr(network, "residual_scale"):  # the chain sampled g (z_target - z_source)
-                    latent = source_latents + latent * network.scale_factor / network.residual_scale
             else:
                 latent = denoise_latents(
                     denoiser, self.scheduler, latent, conditions, timesteps, drift=drift,

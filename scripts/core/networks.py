@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
@@ -187,38 +187,6 @@ def select_trainable(denoiser: ConditionedUNet, scheme: str = "full") -> list[nn
     if not chosen:
         raise ValueError(f"finetune_scheme {scheme!r} selects no parameter: the UNet has no cross-attention layer.")
     return chosen
-
-
-@torch.no_grad()
-def latent_scale_factor(
-    autoencoder: AutoencoderKL,
-    batches: Iterable,
-    image_key: str = "image",
-    max_batches: int = 4,
-    latent_key: str | None = None,
-) -> float:
-    """
-    1 / std of the autoencoder's latents (posterior means) over a few training batches (Rombach et al. 2022): the
-    latents the batches cached under `latent_key` (unscaled, `EncodeLatentd`), else `image_key` encoded here.
-    """
-    was_training = autoencoder.training
-    autoencoder.eval()
-    device = next(autoencoder.parameters()).device
-    latents = []
-    for index, batch in enumerate(batches):
-        if index >= max_batches:
-            break
-        if latent_key is not None:
-            latents.append(torch.as_tensor(batch[latent_key]).flatten().float().cpu())
-        else:
-            latents.append(autoencoder.encode(batch[image_key].to(device))[0].flatten().float().cpu())
-    autoencoder.train(was_training)
-    if not latents:
-        raise ValueError("cannot compute the latent scale factor: the training data loader yielded no batch.")
-    std = torch.cat(latents).std()
-    if not torch.isfinite(std) or std <= 0:
-        raise ValueError(f"cannot compute the latent scale factor: latent std is {std.item()}; check stage 1.")
-    return float(1.0 / std)
 
 
 def check_image_size(image_size: Sequence[int], autoencoder_channels: Sequence[int], unet_channels: Sequence[int]):

@@ -1,4 +1,4 @@
-"""Paired counterfactuals from longitudinal data: pair datalist, per-image preprocessing and sampling.
+"""Paired counterfactuals from longitudinal data: sampling the follow-up latent, in one step or a rollout.
 
 The InstructPix2Pix analogue for longitudinal pairs (Brooks et al., CVPR 2023), with Latent Drift. The denoiser
 ε_θ(z_t, t, c) sees the source latent as extra input channels and both covariate vectors as its condition:
@@ -11,41 +11,20 @@ The InstructPix2Pix analogue for longitudinal pairs (Brooks et al., CVPR 2023), 
 
 Guidance training nulls both covariate vectors together (one `ConditionDropoutd` on both keys); the source latent is
 always given, so guidance acts on the covariates only. A paired model can start from unpaired weights of the same
-design (scripts/training/warm_start.py), as InstructPix2Pix starts from a text-to-image model.
+design (scripts/training/warm_start.py), as InstructPix2Pix starts from a text-to-image model. A long interval can be
+walked in steps inside the training pairs' span (`rollout_paired`), each step's target latent the next one's source.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import torch
-from monai.config import KeysCollection
 from monai.networks.schedulers import DDIMScheduler
-from monai.transforms import MapTransform
 
 from scripts.core.drift import LatentDrift
 from scripts.core.networks import LatentDriftModel
 from scripts.core.sampling import paired_null_condition, sample_latents
-
-
-class PerImaged(MapTransform):
-    """
-    Dictionary transform: runs a single-image transform chain, written for the key `image_key`, on each of `keys`.
-
-    It lets the paired pipeline reuse the bundle's `preprocessing` (and a modality preset's) for `image_source` and
-    `image_target` without a copy. `transform` must be deterministic: datasets cache its output.
-    """
-
-    def __init__(self, keys: KeysCollection, transform: Callable[[dict], Mapping], image_key: str = "image") -> None:
-        super().__init__(keys)
-        self.transform, self.image_key = transform, image_key
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.transform({self.image_key: d[key]})[self.image_key]
-        return d
 
 
 @torch.inference_mode()
@@ -87,3 +66,19 @@ def sample_paired(
         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, null_condition=null,
         precision=precision, source_latent=source_latent,
     )  # fmt: skip
+
+
+def rollout_paired(
+    model: LatentDriftModel, scheduler: DDIMScheduler, source_latent: torch.Tensor, path: list[torch.Tensor],
+    noises: list[torch.Tensor], residual_gain: float | None = None, **kwargs: Any,
+) -> torch.Tensor:  # fmt: skip
+    """
+    The latent at the end of the covariate `path` (K + 1 condition vectors, `CovariateEncoder.path`): K paired
+    samplings, step k from the latent at path[k] to the one at path[k + 1] with noise `noises[k]`. A residual model
+    (`residual_gain` g) samples g (z_target - z_source), added to the step's source. K = 1 is `sample_paired`.
+    """
+    latent = source_latent
+    for k, noise in enumerate(noises):
+        sample = sample_paired(model, scheduler, latent, path[k], path[k + 1], noise=noise, **kwargs)
+        latent = sample if residual_gain is None else latent + sample / residual_gain
+    return latent

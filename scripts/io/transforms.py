@@ -1,9 +1,9 @@
-"""Input-side MONAI transforms: field-of-view check, grey-scale conversion and the intensity record."""
+"""Input-side MONAI transforms: field-of-view check, grey-scale conversion, the intensity record, per-image chains."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -105,4 +105,23 @@ class RecordIntensityRanged(MapTransform):
             if not high > low:
                 raise ValueError(f"{scan_name(d[key])}: the image is constant; there is nothing to condition on.")
             d[key].meta["intensity_range"] = [float(low), float(high)]
+        return d
+
+
+class PerImaged(MapTransform):
+    """
+    Dictionary transform: runs a single-image transform chain, written for the key `image_key`, on each of `keys`.
+
+    It lets the paired pipeline reuse the bundle's `preprocessing` (and a modality preset's) for `image_source` and
+    `image_target` without a copy. `transform` must be deterministic: datasets cache its output.
+    """
+
+    def __init__(self, keys: KeysCollection, transform: Callable[[dict], Mapping], image_key: str = "image") -> None:
+        super().__init__(keys)
+        self.transform, self.image_key = transform, image_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.transform({self.image_key: d[key]})[self.image_key]
         return d

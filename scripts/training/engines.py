@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.losses import PatchAdversarialLoss
+from monai.networks.nets import AutoencoderKL
 from monai.networks.schedulers import DDIMScheduler
 from monai.visualize import plot_2d_or_3d_image
 from torch import nn
@@ -283,6 +284,38 @@ def same_on_all_ranks(value: float) -> float:
         tensor = tensor.cuda()
     torch.distributed.broadcast(tensor, src=0)
     return float(tensor.item())
+
+
+@torch.no_grad()
+def latent_scale_factor(
+    autoencoder: AutoencoderKL,
+    batches: Iterable,
+    image_key: str = "image",
+    max_batches: int = 4,
+    latent_key: str | None = None,
+) -> float:
+    """
+    1 / std of the autoencoder's latents (posterior means) over a few training batches (Rombach et al. 2022): the
+    latents the batches cached under `latent_key` (unscaled, `EncodeLatentd`), else `image_key` encoded here.
+    """
+    was_training = autoencoder.training
+    autoencoder.eval()
+    device = next(autoencoder.parameters()).device
+    latents = []
+    for index, batch in enumerate(batches):
+        if index >= max_batches:
+            break
+        if latent_key is not None:
+            latents.append(torch.as_tensor(batch[latent_key]).flatten().float().cpu())
+        else:
+            latents.append(autoencoder.encode(batch[image_key].to(device))[0].flatten().float().cpu())
+    autoencoder.train(was_training)
+    if not latents:
+        raise ValueError("cannot compute the latent scale factor: the training data loader yielded no batch.")
+    std = torch.cat(latents).std()
+    if not torch.isfinite(std) or std <= 0:
+        raise ValueError(f"cannot compute the latent scale factor: latent std is {std.item()}; check stage 1.")
+    return float(1.0 / std)
 
 
 class TrainingCheckpoint:

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from monai.transforms import MapTransform
 
-from scripts.core.networks import LatentDriftModel, latent_scale_factor
-from scripts.training.engines import same_on_all_ranks
+from scripts.core.networks import LatentDriftModel
+from scripts.training.engines import latent_scale_factor, same_on_all_ranks
 
 
 class LatentDifferenced(MapTransform):
