@@ -304,6 +304,7 @@ def test_rollout_samples_each_step_from_the_last_one_along_the_covariate_path(mo
         return torch.full_like(source_latent, 2.0)
 
     monkeypatch.setattr(paired, "sample_paired", fake_sample)
+
     def spy_decode(latent):
         decoded["latent"] = latent.clone()
         return LatentDriftModel.decode(residual, latent)

@@ -199,9 +199,9 @@ class CounterfactualInferer(Inferer):
                 path = [sources, conditions] if self.rollout_steps == 1 else [
                     torch.cat([c, source_condition]) if self.runs_reference else c
                     for c in self.covariate_path(source_condition, target_condition, self.rollout_steps)]  # fmt: skip
-                gain = network.residual_scale / network.scale_factor if hasattr(network, "residual_scale") else None
+                scales = (network.scale_factor, network.residual_scale) if hasattr(network, "residual_scale") else None
                 latent = rollout_paired(
-                    denoiser, self.scheduler, source_latents, path, noises, gain, drift=drift,
+                    denoiser, self.scheduler, source_latents, path, noises, scales, drift=drift,
                     num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
                     null_condition=self.null_condition, precision=self.precision, progress=self.progress,
                 )  # fmt: skip

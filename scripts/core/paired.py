@@ -70,15 +70,16 @@ def sample_paired(
 
 def rollout_paired(
     model: LatentDriftModel, scheduler: DDIMScheduler, source_latent: torch.Tensor, path: list[torch.Tensor],
-    noises: list[torch.Tensor], residual_gain: float | None = None, **kwargs: Any,
+    noises: list[torch.Tensor], residual: tuple | None = None, **kwargs: Any,
 ) -> torch.Tensor:  # fmt: skip
     """
     The latent at the end of the covariate `path` (K + 1 condition vectors, `CovariateEncoder.path`): K paired
     samplings, step k from the latent at path[k] to the one at path[k + 1] with noise `noises[k]`. A residual model
-    (`residual_gain` g) samples g (z_target - z_source), added to the step's source. K = 1 is `sample_paired`.
+    (`residual` = its (scale_factor, residual_scale)) samples g (z_target - z_source), g = residual_scale /
+    scale_factor, added to the step's source. K = 1 is `sample_paired`.
     """
     latent = source_latent
     for k, noise in enumerate(noises):
         sample = sample_paired(model, scheduler, latent, path[k], path[k + 1], noise=noise, **kwargs)
-        latent = sample if residual_gain is None else latent + sample / residual_gain
+        latent = sample if residual is None else latent + sample * residual[0] / residual[1]
     return latent
