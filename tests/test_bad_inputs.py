@@ -129,6 +129,7 @@ CASES = [
     ),
     ("strength-out-of-range", lambda d, r: ["--strength", "1.5"], "strength must be in (0, 1]"),
     ("zero-steps", lambda d, r: ["--num_inference_steps", "0"], "num_inference_steps must be at least 1"),
+    ("rollout-without-paired", lambda d, r: ["--rollout_steps", "3"], "rollout_steps > 1 needs a paired model"),
     ("unknown-precision", lambda d, r: ["--precision", "fp8"], "precision must be one of"),
     ("missing-weights", lambda d, r: ["--model_path", str(d / "none.pt")], "no weights file at"),
     (
@@ -240,9 +241,10 @@ def test_the_suite_covers_at_least_twenty_cases():
 # fast tier: the same checks the CLI runs first (`records` in configs/counterfactual.json).
 INPUT_ARGUMENTS = {"--image": "image", "--source": "source", "--target": "target", "--input_datalist": "datalist",
                    "--results_dir": "results_dir"}  # fmt: skip
-CONFIG_CASES = {"image-size-the-model-cannot-take", "strength-out-of-range", "zero-steps", "unknown-precision",
-                "missing-weights", "weights-of-another-network", "bad-flag", "weights-holding-a-list",
-                "weights-holding-a-tensor", "truncated-weights", "weights-pickling-python-objects"}  # fmt: skip
+CONFIG_CASES = {"image-size-the-model-cannot-take", "strength-out-of-range", "zero-steps", "rollout-without-paired",
+                "unknown-precision", "missing-weights", "weights-of-another-network", "bad-flag",
+                "weights-holding-a-list", "weights-holding-a-tensor", "truncated-weights",
+                "weights-pickling-python-objects"}  # fmt: skip
 INPUT_CASES = [case for case in CASES if case[0] not in CONFIG_CASES]
 
 

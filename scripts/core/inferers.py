@@ -113,8 +113,10 @@ class CounterfactualInferer(Inferer):
         super().__init__()
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}.")
-        if min(num_samples, num_inference_steps, rollout_steps) < 1:
-            raise ValueError("num_samples, num_inference_steps and rollout_steps must be at least 1.")
+        if num_samples < 1 or num_inference_steps < 1:
+            raise ValueError("num_samples and num_inference_steps must be at least 1.")
+        if rollout_steps < 1:
+            raise ValueError(f"rollout_steps must be at least 1, got {rollout_steps}.")
         if rollout_steps > 1 and not (as_flag(paired, "paired") and callable(covariate_path)):
             raise ValueError("rollout_steps > 1 needs a paired model (configs/paired.json) and covariate_path.")
         if not 0.0 <= sample_jitter <= 1.0:
