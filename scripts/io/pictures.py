@@ -36,6 +36,14 @@ def views_row(volume: np.ndarray) -> np.ndarray:
     return np.concatenate([np.pad(view, ((0, height - view.shape[0]), (0, 2))) for view in views], 1)
 
 
+def centred(panel: np.ndarray, height: int, width: int, fill: int) -> np.ndarray:
+    """``panel`` (H, W, 3) in the middle of a ``height`` x ``width`` cell of ``fill``, so slices of unequal shape align."""
+    top, left = (height - panel.shape[0]) // 2, (width - panel.shape[1]) // 2
+    cell = np.full((height, width, 3), fill, dtype=np.uint8)
+    cell[top : top + panel.shape[0], left : left + panel.shape[1]] = panel
+    return cell
+
+
 def counterfactual_montage(
     path: Path,
     original: torch.Tensor,
@@ -46,20 +54,22 @@ def counterfactual_montage(
 ) -> str:
     """
     A PNG for people: rows = views (3 mid slices in 3D), columns = input | counterfactual | difference (blue darker,
-    red brighter, saturating at a quarter of the intensity window) | edit mask (if given).
+    red brighter, saturating at a quarter of the intensity window) | edit mask (if given). Every slice sits centred in
+    a cell of the largest slice's size, filled with its panel's background (black, white for the difference), so the
+    columns line up when the views differ in shape.
     """
     low, high = window
     volumes = [original, counterfactual, difference] + ([mask] if mask is not None else [])
+    views = list(zip(*(mid_slices(volume[0].numpy()) for volume in volumes)))
+    height = max(v.shape[0] for slices in views for v in slices)
+    width = max(v.shape[1] for slices in views for v in slices)
     rows = []
-    for slices in zip(*(mid_slices(volume[0].numpy()) for volume in volumes)):
+    for slices in views:
         gray = [np.clip((v - low) / (high - low), 0, 1) for v in slices[:2]] + [np.clip(v, 0, 1) for v in slices[3:]]
-        panels = [np.repeat((g * 255).astype(np.uint8)[..., None], 3, -1) for g in gray]
-        panels.insert(2, diverging(slices[2], 0.25 * (high - low)))
-        height = max(p.shape[0] for p in panels)
-        panels = [np.pad(p, ((0, height - p.shape[0]), (0, 2), (0, 0))) for p in panels]
-        rows.append(np.concatenate(panels, 1))
-    width = max(r.shape[1] for r in rows)
-    picture = np.concatenate([np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0))) for r in rows], 0)
+        panels = [centred(np.repeat((g * 255).astype(np.uint8)[..., None], 3, -1), height, width, 0) for g in gray]
+        panels.insert(2, centred(diverging(slices[2], 0.25 * (high - low)), height, width, 255))
+        rows.append(np.concatenate([np.pad(p, ((0, 2), (0, 2), (0, 0))) for p in panels], 1))
+    picture = np.concatenate(rows, 0)
     scale = max(1, -(-384 // picture.shape[0]))  # at least 384 px tall
     Image.fromarray(picture).resize((picture.shape[1] * scale, picture.shape[0] * scale), Image.NEAREST).save(path)
     return str(path)
