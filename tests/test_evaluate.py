@@ -295,8 +295,9 @@ def test_compositions_run_scores_every_variant_and_recommends_one(chest_cohort, 
         assert {"cardiothoracic_ratio", "effusion_fraction"} <= set(scores["volumes"])  # the segmenter's reading
     assert 0 <= table["reference+mask@1"]["mask_dice"] <= 1
     assert report["recommended"]["variant"] in report["recommended"]["eligible"]
-    for ceiling in ("autoencoder_ceiling", "identifiable_ceiling"):
-        assert ceiling in table and ceiling not in report["recommended"]["eligible"]
+    for row in ("autoencoder_ceiling", "identifiable_ceiling", "autoencoder_alone"):
+        assert row in table and row not in report["recommended"]["eligible"]
+    assert "mask_dice" not in table["autoencoder_alone"]  # D(E(x)): no model, no mask
     adding = report["interventions"]["effusion=flip [effusion 0->1]"]["identifiable_ceiling"]
     removing = report["interventions"]["effusion=flip [effusion 1->0]"]["identifiable_ceiling"]
     assert removing["mae_to_truth"] < 1e-3 < adding["mae_to_truth"]  # the film shows what removing needs, not adding

@@ -44,7 +44,11 @@ CEILING = "autoencoder_ceiling"
 # `identifiable_counterfactual`): the exogenous factors the scan does not show (where an added effusion collects)
 # are redrawn and the per-voxel median taken. No model, however good, can be expected to beat it on average.
 IDENTIFIABLE = "identifiable_ceiling"
-CEILINGS = (CEILING, IDENTIFIABLE)
+# Nor this, a floor: the input through the autoencoder alone, D(E(x)), no model and no covariate change. The raw
+# decode ("none") carries the same reconstruction error, so whatever share of the true change this row shows is the
+# autoencoder's, not the model's: the raw decode's share above it is what the model itself adds.
+ALONE = "autoencoder_alone"
+NOT_CHOICES = (CEILING, IDENTIFIABLE, ALONE)
 
 
 def autoencoder_ceiling(network: Any, images: torch.Tensor, truth: torch.Tensor, batch_size: int, precision: str):
@@ -150,7 +154,9 @@ def compare_compositions(
     split to choose `composition` / `mask_threshold`, then score held-out scans with the chosen values.
     `truth_frame` "input" (the default) compares in the written counterfactual's intensity frame, "own" in each
     truth's own (`load_truths`).
-    `identifiable_draws` > 0 adds the `identifiable_ceiling` row over that many draws (0 leaves it out).
+    `identifiable_draws` > 0 adds the `identifiable_ceiling` row over that many draws (0 leaves it out). The
+    `autoencoder_alone` row scores D(E(x)), the input through the autoencoder with no model: the part of the raw
+    decode's share that is the autoencoder's reconstruction error, not the model's change.
     An intervention that moves a covariate both ways over the records (a "flip": adding and removing a finding) is
     also scored per direction. With trained evaluators in `evaluator_dir`, each variant's effectiveness is added
     (how often the covariate predictor reads the asked value; for age, its absolute error) and its volumes (the
@@ -195,6 +201,8 @@ def compare_compositions(
             outputs[CEILING] = autoencoder_ceiling(network, images, truth, batch_size, inferer.precision)
             changed = (truth - images).abs() > UNCHANGED_TOLERANCE
             table[CEILING] = oracle_scores(outputs[CEILING], images, truth, changed, None)
+            outputs[ALONE] = reconstruct(network, images, batch_size, inferer.precision).clamp(0, 1)
+            table[ALONE] = oracle_scores(outputs[ALONE], images, truth, changed, None)
             if identifiable_draws:
                 outputs[IDENTIFIABLE] = oracle(identifiable_draws)[0]
                 table[IDENTIFIABLE] = oracle_scores(outputs[IDENTIFIABLE], images, truth, changed, None)
@@ -290,7 +298,7 @@ def _add_volumes(table, measured, exact, indices) -> None:
 def _recommended(
     tables: Mapping[str, Mapping[str, Mapping[str, float]]], min_share_kept: float, floor_variant: str = "none"
 ) -> dict[str, Any]:
-    names = [name for name in next(iter(tables.values())) if name not in CEILINGS]
+    names = [name for name in next(iter(tables.values())) if name not in NOT_CHOICES]
     first = next(iter(tables.values()))
     mean = {n: {k: float(np.mean([t[n][k] for t in tables.values()])) for k, v in first[n].items()
                 if isinstance(v, float)} for n in names}  # fmt: skip

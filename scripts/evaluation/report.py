@@ -109,7 +109,9 @@ def compositions_markdown(report: Mapping[str, Any]) -> str:
              "`autoencoder_ceiling` is not a choice: it adds the autoencoder's rendering of the true change "
              "to the input (x + D(E(x*)) - D(E(x))), the most any model on these autoencoder weights can show. "
              "Nor is `identifiable_ceiling`: the oracle's per-voxel median over the factors the input does not show "
-             "(where an added finding would lie), the most any model can infer from the input alone.", "",
+             "(where an added finding would lie), the most any model can infer from the input alone. "
+             "Nor is `autoencoder_alone`: the input through the autoencoder, D(E(x)), with no model; the raw decode "
+             "(`none`) carries the same reconstruction error, so its share above this row's is the model's.", "",
              "Volumes (with trained evaluators): the segmenter's reading of each output against the oracle's exact "
              "label map of the truth, as median relative error (the untouched input's in brackets) and the share of "
              "the true change made. Gain and share are pooled over the scans; in brackets, per scan: median "
