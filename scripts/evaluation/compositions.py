@@ -181,8 +181,8 @@ def compare_compositions(
     if segmenter is not None:
         measured_input = _measure(segmenter, images, spatial_dims, spacing)
     with staged_folder(output_dir, prefix=".compositions.") as staged:
-        reconstructions = reconstruct(network, images[:3], batch_size, inferer.precision)
-        reconstruction_montage(staged / "autoencoder.png", images[:3], reconstructions)
+        alone = reconstruct(network, images, batch_size, inferer.precision).clamp(0, 1)
+        reconstruction_montage(staged / "autoencoder.png", images[:3], alone[:3])
         tables = {}
         for spec in interventions:
             targets = [apply_intervention(encoder, r, spec) for r in records]
@@ -201,7 +201,7 @@ def compare_compositions(
             outputs[CEILING] = autoencoder_ceiling(network, images, truth, batch_size, inferer.precision)
             changed = (truth - images).abs() > UNCHANGED_TOLERANCE
             table[CEILING] = oracle_scores(outputs[CEILING], images, truth, changed, None)
-            outputs[ALONE] = reconstruct(network, images, batch_size, inferer.precision).clamp(0, 1)
+            outputs[ALONE] = alone
             table[ALONE] = oracle_scores(outputs[ALONE], images, truth, changed, None)
             if identifiable_draws:
                 outputs[IDENTIFIABLE] = oracle(identifiable_draws)[0]
