@@ -171,15 +171,17 @@ def test_ad_counterfactual_is_no_further_from_the_truth_than_the_input_allows(br
 
 @pytest.fixture(scope="module")
 def brain_ad_rollout(bundle_cli, tmp_path_factory):
-    """README "A long interval in steps": 65, F, CN -> 85, AD on the shipped paired weights in 5 steps of 4 years."""
+    """README "A long interval in steps": 65, F, CN -> 85, AD on the shipped paired weights, configs/paired_rollout.json
+    (5 steps of 4 years at guidance 4)."""
     out = tmp_path_factory.mktemp("brain_ad_rollout") / "out"
-    return brain_run(bundle_cli, out, PAIRED, "--target", "{'age': 85, 'diagnosis': 'AD'}", "--rollout_steps", "5")
+    return brain_run(bundle_cli, out, PAIRED + ["paired_rollout.json"], "--target", "{'age': 85, 'diagnosis': 'AD'}")
 
 
 def test_rollout_older_with_ad_grows_the_ventricles_closer_to_the_truth_editing_little(brain_ad_rollout):
     # docs/results.md "A long interval in steps": rim 59% of the way, MAE 0.81x the input's, mask 4% of the grid
     record, oracle = brain_ad_rollout["record"], brain_ad_rollout["oracle"]
-    assert record["parameters"]["rollout_steps"] == 5 and record["target"]["diagnosis"] == "AD"
+    assert record["parameters"]["rollout_steps"] == 5 and record["parameters"]["guidance_scale"] == 4.0
+    assert record["target"]["diagnosis"] == "AD"
     rim = oracle["regions"]["ventricle_growth_rim"]
     assert rim["input"] - rim["counterfactual"] >= 0.4 * (rim["input"] - rim["truth"]), rim
     mae = oracle["mae_to_truth"]

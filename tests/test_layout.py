@@ -81,7 +81,7 @@ def _keys(*names: str) -> set[str]:
 @pytest.mark.parametrize(
     "overlay, bases",
     [("ablation_gpu.json", ["ablation.json"]), ("ablation_brain.json", ["ablation.json"]),
-     ("conditioning_gpu.json", ["conditioning.json"]),
+     ("conditioning_gpu.json", ["conditioning.json"]), ("paired_rollout.json", ["common.json", "counterfactual.json"]),
      ("gpu.json", ["common.json", "train_diffusion.json", "train_autoencoder.json"])],
 )  # fmt: skip
 def test_an_overlay_only_overrides_keys_its_configs_read(overlay, bases):
