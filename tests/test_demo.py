@@ -178,12 +178,13 @@ def brain_ad_rollout(bundle_cli, tmp_path_factory):
 
 
 def test_rollout_older_with_ad_grows_the_ventricles_closer_to_the_truth_editing_little(brain_ad_rollout):
-    # docs/results.md "A long interval in steps": rim 59% of the way, MAE 0.81x the input's, mask 4% of the grid
+    # docs/results.md "On held-out brains: configs/paired_rollout.json": rim 85% of the way (59% at guidance 3),
+    # MAE 0.84x the input's, mask 5% of the grid
     record, oracle = brain_ad_rollout["record"], brain_ad_rollout["oracle"]
     assert record["parameters"]["rollout_steps"] == 5 and record["parameters"]["guidance_scale"] == 4.0
     assert record["target"]["diagnosis"] == "AD"
     rim = oracle["regions"]["ventricle_growth_rim"]
-    assert rim["input"] - rim["counterfactual"] >= 0.4 * (rim["input"] - rim["truth"]), rim
+    assert rim["input"] - rim["counterfactual"] >= 0.7 * (rim["input"] - rim["truth"]), rim
     mae = oracle["mae_to_truth"]
     assert mae["counterfactual"] < 0.9 * mae["input"], mae
     mask = nib.load(record["outputs"]["mask"]).get_fdata()
